@@ -1,0 +1,166 @@
+"""The result of explaining a batch, and its post-processing.
+
+The heat-map contract, the same everywhere in camlens:
+
+* ``raw``: (N, K, h, w) float32 at the feature layer's resolution, signed and un-normalised,
+  exactly what the method computed (for CAM: ``mean(raw) + b = logit``).
+* ``maps``: (N, K, H, W) float32 in [0, 1] at the model's input resolution:
+  ``relu(raw)``, upsampled bilinearly, divided by its maximum (all zeros when the map has no
+  positive value).
+* overlays and boxes for the original image use the same normalisation at the original size.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from camlens.localize import Box, box_from_map, scale_box
+
+
+def normalize_maps(raw: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``relu(raw)`` upsampled to ``size`` = (H, W) and divided by each map's maximum.
+
+    Parameters:
+        raw: (N, K, h, w) signed maps.
+        size: output (height, width).
+
+    Returns:
+        (N, K, H, W) float32 in [0, 1].
+
+    Example:
+        >>> normalize_maps(torch.tensor([[[[-1.0, 2.0]]]]), (1, 2))
+        tensor([[[[0., 1.]]]])
+    """
+    n, k, h, w = raw.shape
+    positive = raw.float().relu().reshape(n * k, 1, h, w)
+    if (h, w) != tuple(size):
+        positive = F.interpolate(positive, size=size, mode="bilinear", align_corners=False)
+    peak = positive.amax(dim=(-2, -1), keepdim=True)
+    maps = torch.where(peak > 0, positive / peak.clamp_min(1e-30), torch.zeros_like(positive))
+    return maps.reshape(n, k, *size)
+
+
+@dataclass
+class Explanation:
+    """Maps for a batch of images and the predictions they explain.
+
+    Attributes:
+        raw: (N, K, h, w) float32, signed, un-normalised, at feature-map resolution.
+        targets: (N, K) long, explained classes (K = 1 for top1, 5 for top5).
+        logits: (N, classes) the model's scores.
+        method: the method's name (``"cam"``, ``"gradcam"``...).
+        layer: qualified name of the layer the maps come from.
+        input_size: (H, W) of the model input.
+        labels: class names.
+        images: the original images (for overlays and original-pixel boxes), or None.
+        identity_error: CAM only: max |mean(M_c) + b_c - y_c| over the batch.
+    """
+
+    raw: torch.Tensor
+    targets: torch.Tensor
+    logits: torch.Tensor
+    method: str
+    layer: str
+    input_size: tuple[int, int]
+    labels: list[str] = field(default_factory=list)
+    images: list[Image.Image] | None = None
+    identity_error: float | None = None
+
+    def __len__(self) -> int:
+        return self.raw.shape[0]
+
+    @property
+    def probs(self) -> torch.Tensor:
+        """(N, classes) softmax of the logits."""
+        return self.logits.float().softmax(dim=1)
+
+    @property
+    def scores(self) -> torch.Tensor:
+        """(N, K) logit of each explained class."""
+        return self.logits.gather(1, self.targets).float()
+
+    @functools.cached_property
+    def maps(self) -> torch.Tensor:
+        """(N, K, H, W) float32 in [0, 1] at input resolution (see the module docstring)."""
+        return normalize_maps(self.raw, self.input_size)
+
+    def label(self, index: int) -> str:
+        return self.labels[index] if 0 <= index < len(self.labels) else str(index)
+
+    def original_size(self, i: int) -> tuple[int, int]:
+        """(width, height) of image ``i``'s original (the input size when unknown)."""
+        if self.images is not None:
+            return self.images[i].size
+        return (self.input_size[1], self.input_size[0])
+
+    def heatmap(self, i: int, k: int = 0, *, original: bool = False) -> np.ndarray:
+        """Map ``k`` of image ``i`` as an (H, W) array in [0, 1], at input or original size."""
+        if not original:
+            return self.maps[i, k].numpy()
+        width, height = self.original_size(i)
+        return normalize_maps(self.raw[i : i + 1, k : k + 1], (height, width))[0, 0].numpy()
+
+    def boxes(self, threshold: float = 0.2, *, original: bool = False) -> list[list[Box | None]]:
+        """Zhou's boxes per image and target, in input pixels or original-image pixels.
+
+        Computed on ``maps`` (input resolution) and, with ``original=True``, scaled to the
+        original image. ``None`` where a map has no positive value.
+        """
+        input_wh = (self.input_size[1], self.input_size[0])
+        result = []
+        for i in range(len(self)):
+            row = []
+            for k in range(self.targets.shape[1]):
+                box = box_from_map(self.maps[i, k].numpy(), threshold)
+                if box is not None and original:
+                    box = scale_box(box, input_wh, self.original_size(i))
+                row.append(box)
+            result.append(row)
+        return result
+
+    def overlays(
+        self, *, colormap: str = "jet", alpha: float = 0.5, threshold: float | None = 0.2
+    ) -> list[list[Image.Image]]:
+        """Heat-map overlays on the original images (input-size gray images when unknown),
+        with Zhou's box drawn when ``threshold`` is not None."""
+        from camlens.render import overlay
+
+        boxes = self.boxes(threshold, original=True) if threshold is not None else None
+        result = []
+        for i in range(len(self)):
+            image = self.display_image(i)
+            result.append(
+                [
+                    overlay(
+                        image,
+                        self.heatmap(i, k, original=True),
+                        colormap=colormap,
+                        alpha=alpha,
+                        box=boxes[i][k] if boxes else None,
+                    )
+                    for k in range(self.targets.shape[1])
+                ]
+            )
+        return result
+
+    def display_image(self, i: int) -> Image.Image:
+        """The original image ``i``, or a neutral gray image of the input size."""
+        if self.images is not None:
+            return self.images[i]
+        return Image.new("RGB", (self.input_size[1], self.input_size[0]), (128, 128, 128))
+
+    def save(self, directory: str | Path, *, names: list[str] | None = None, **style) -> list[dict]:
+        """Write overlays, raw maps, ``results.jsonl`` and ``index.html`` into ``directory``.
+
+        Returns the result records (the same objects as the lines of ``results.jsonl``).
+        """
+        from camlens.runner import save_explanation
+
+        return save_explanation(self, Path(directory), names=names, **style)

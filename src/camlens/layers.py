@@ -1,0 +1,204 @@
+"""Find the feature layer that feeds global average pooling, and the final linear layer.
+
+One dummy forward pass with temporary hooks on every module records, in the order the modules
+finish, what each returns. The classifier is the last ``nn.Linear`` whose output is the
+logits; the feature layer is the last module before it that returns a spatial feature map
+(N, C, h, w), pooling layers excepted. When a container and its last child return the same
+tensor, the container finishes last and is chosen (``"layer4"`` rather than
+``"layer4.1.relu"``). CAM is exact when the linear layer's input equals the spatial mean of
+that feature map (or of its ReLU, as in DenseNet, whose ReLU is a function, not a module).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from camlens.errors import ConfigError
+from camlens.hooks import get_layer, preserved_state
+from camlens.outputs import OutputSpec, select_logits
+
+_POOLING = ("Pool", "Flatten", "Identity")
+
+
+@dataclass(frozen=True)
+class CamHead:
+    """Where the maps come from in a classifier.
+
+    Attributes:
+        feature_layer: qualified name of the layer whose output feeds global average pooling.
+        call: which call of that module to capture (-1 = last; shared modules run more than once).
+        classifier: qualified name of the final linear layer, or None.
+        feature_transform: ``"relu"`` when a functional ReLU sits between the feature layer and
+            the pooling, else None.
+        cam_exact: whether logits = linear(GAP(features)) holds, so that CAM is exact.
+        reason: why CAM is not exact (None when it is).
+    """
+
+    feature_layer: str
+    call: int
+    classifier: str | None
+    feature_transform: str | None
+    cam_exact: bool
+    reason: str | None
+
+
+@dataclass
+class _Call:
+    name: str
+    module: nn.Module
+    index: int
+    output: torch.Tensor | None
+
+
+def find_cam_head(
+    module: nn.Module,
+    example: torch.Tensor,
+    *,
+    layer: str | None = None,
+    call: int | None = None,
+    output: OutputSpec = None,
+) -> CamHead:
+    """Locate the feature layer and the linear classifier of ``module`` with one forward pass.
+
+    Parameters:
+        module: the classifier.
+        example: an input batch; only its first image is used.
+        layer: force this feature layer (qualified name) instead of searching.
+        call: with ``layer``, which call of it to use (default: the last).
+        output: how to select the logits from the model's output (see ``select_logits``).
+
+    Returns:
+        A ``CamHead``; ``cam_exact`` tells whether CAM applies, ``reason`` why not.
+
+    Raises:
+        ConfigError: no layer returns a feature map, or the named layer does not exist.
+
+    Example:
+        >>> head = find_cam_head(torchvision.models.resnet18(), torch.zeros(1, 3, 64, 64))
+        >>> head.feature_layer, head.classifier, head.cam_exact
+        ('layer4', 'fc', True)
+    """
+    if layer is not None:
+        get_layer(module, layer)
+    calls, linear_inputs, logits = _trace(module, example[:1], output)
+    classifier = _find_classifier(calls, logits)
+    features = _find_features(calls, classifier, layer, call)
+    n_calls = sum(1 for c in calls if c.name == features.name)
+    call_index = -1 if features.index == n_calls - 1 else features.index
+    if classifier is None:
+        return CamHead(features.name, call_index, None, None, False, _no_linear_reason(logits))
+    transform, reason = _check_gap(features, classifier, linear_inputs[classifier.name])
+    return CamHead(features.name, call_index, classifier.name, transform, reason is None, reason)
+
+
+def _trace(
+    module: nn.Module, example: torch.Tensor, output: OutputSpec
+) -> tuple[list[_Call], dict[str, torch.Tensor], torch.Tensor]:
+    calls: list[_Call] = []
+    linear_inputs: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    handles = []
+
+    def forward_hook(name: str):
+        def hook(mod: nn.Module, inputs: object, out: object) -> None:
+            index = counts.get(name, 0)
+            counts[name] = index + 1
+            kept = out.detach().clone() if isinstance(out, torch.Tensor) else None
+            calls.append(_Call(name, mod, index, kept))
+
+        return hook
+
+    def linear_hook(name: str):
+        def hook(mod: nn.Module, inputs: tuple) -> None:
+            linear_inputs[name] = inputs[0].detach().clone()
+
+        return hook
+
+    try:
+        for name, sub in module.named_modules():
+            if not name:
+                continue
+            handles.append(sub.register_forward_hook(forward_hook(name)))
+            if isinstance(sub, nn.Linear):
+                handles.append(sub.register_forward_pre_hook(linear_hook(name)))
+        with preserved_state(module), torch.no_grad():
+            logits = select_logits(module(example), output)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls, linear_inputs, logits
+
+
+def _find_classifier(calls: list[_Call], logits: torch.Tensor) -> _Call | None:
+    linears = [c for c in calls if isinstance(c.module, nn.Linear) and c.output is not None]
+    for c in reversed(linears):
+        if c.output.shape == logits.shape and torch.equal(c.output, logits):
+            return c
+    return None
+
+
+def _is_feature_map(c: _Call) -> bool:
+    return (
+        c.output is not None
+        and c.output.ndim == 4
+        and not any(word in type(c.module).__name__ for word in _POOLING)
+    )
+
+
+def _find_features(
+    calls: list[_Call], classifier: _Call | None, layer: str | None, call: int | None
+) -> _Call:
+    if layer is not None:
+        own = [c for c in calls if c.name == layer]
+        if not own:
+            raise ConfigError(f"layer {layer!r} did not run in the forward pass")
+        chosen = own[-1] if call in (None, -1) else next((c for c in own if c.index == call), None)
+        if chosen is None or chosen.output is None or chosen.output.ndim != 4:
+            raise ConfigError(
+                f"layer {layer!r} (call {call}) does not return a feature map (N, C, h, w); "
+                "choose a convolutional layer"
+            )
+        return chosen
+    end = calls.index(classifier) if classifier is not None else len(calls)
+    candidates = [c for c in calls[:end] if _is_feature_map(c)]
+    if not candidates:
+        raise ConfigError(
+            "no layer of this model returns a spatial feature map (N, C, h, w); "
+            "class activation maps need a convolutional network"
+        )
+    spatial = [c for c in candidates if c.output.shape[-1] * c.output.shape[-2] > 1]
+    return (spatial or candidates)[-1]
+
+
+def _check_gap(
+    features: _Call, classifier: _Call, linear_input: torch.Tensor
+) -> tuple[str | None, str | None]:
+    activation = features.output
+    fc_in = linear_input.reshape(linear_input.shape[0], -1)
+    channels = activation.shape[1]
+    if fc_in.shape[1] != channels:
+        return None, (
+            f"the final linear layer {classifier.name!r} takes {fc_in.shape[1]} inputs, but "
+            f"{features.name!r} has {channels} channels: the head is not global average pooling "
+            "followed by one linear layer, so CAM does not apply; use method='gradcam'"
+        )
+    scale = float(fc_in.abs().max()) + 1e-12
+    for transform, mapped in ((None, activation), ("relu", activation.relu())):
+        pooled = mapped.mean(dim=(-2, -1))
+        if float((pooled - fc_in).abs().max()) <= 1e-4 * scale:
+            return transform, None
+    return None, (
+        f"the input of the final linear layer {classifier.name!r} is not the global average of "
+        f"{features.name!r} (something other than pooling sits between them, e.g. a "
+        "normalisation or another layer), so CAM would not be exact; use method='gradcam'"
+    )
+
+
+def _no_linear_reason(logits: torch.Tensor) -> str:
+    return (
+        f"no nn.Linear layer produces the model's logits (shape {tuple(logits.shape)}), so CAM "
+        "has no class weights to use; use method='gradcam'"
+    )

@@ -1,0 +1,84 @@
+"""The Classifier: a module plus how to feed it (preprocess) and how to name its outputs."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from camlens.io import load_image
+from camlens.outputs import OutputSpec
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+ImageLike = str | os.PathLike | Image.Image
+
+
+@dataclass
+class Classifier:
+    """An image classifier ready to explain.
+
+    Attributes:
+        module: the network, in eval mode.
+        labels: one name per class.
+        input_size: (height, width) that ``preprocess`` resizes every image to.
+        mean, std: per-channel normalisation applied after scaling pixels to [0, 1].
+        name: the spec it was loaded from.
+        output: how to select the logits from the module's output (see ``select_logits``).
+        layer: default feature layer for the methods (None: found automatically).
+    """
+
+    module: nn.Module
+    labels: list[str]
+    input_size: tuple[int, int] = (224, 224)
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    name: str = "custom"
+    output: OutputSpec = None
+    layer: str | None = None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the module's first parameter (CPU for parameter-free modules)."""
+        param = next(self.module.parameters(), None)
+        return param.device if param is not None else torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        param = next(self.module.parameters(), None)
+        return param.dtype if param is not None else torch.float32
+
+    def preprocess(self, images: ImageLike | Sequence[ImageLike]) -> torch.Tensor:
+        """Images -> normalised batch (N, 3, H, W) on the model's device.
+
+        The whole image is resized to ``input_size`` (bilinear, antialiased; no centre crop,
+        so the maps cover the whole photo), scaled to [0, 1] and normalised with
+        ``(x - mean) / std``.
+
+        Example:
+            >>> model.preprocess(["cat.jpg", "dog.png"]).shape
+            torch.Size([2, 3, 224, 224])
+        """
+        if isinstance(images, (str, os.PathLike, Image.Image)):
+            images = [images]
+        height, width = self.input_size
+        arrays = [
+            np.asarray(load_image(img).resize((width, height), Image.BILINEAR), dtype=np.uint8)
+            for img in images
+        ]
+        batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255.0)
+        mean = torch.tensor(self.mean).view(1, -1, 1, 1)
+        std = torch.tensor(self.std).view(1, -1, 1, 1)
+        batch = (batch - mean) / std
+        return batch.to(device=self.device, dtype=self.dtype)
+
+    def label(self, index: int) -> str:
+        """Name of class ``index`` (its number when the model has no names for it)."""
+        return self.labels[index] if 0 <= index < len(self.labels) else str(index)

@@ -1,0 +1,287 @@
+"""Turn heat maps into pictures: colour maps, overlays on the input image, top-k figures.
+
+Every function here is plain and stateless. Heat maps are float arrays in ``[0, 1]`` that are
+already at the image's resolution (``(H, W)`` for an image of ``W x H`` pixels). Figures are built
+with the object-oriented :class:`matplotlib.figure.Figure` API, never ``pyplot``, so rendering is
+thread-safe and needs no GUI backend.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from PIL import Image, ImageDraw
+
+from camlens.writers import atomic_path
+
+__all__ = ["colorize", "overlay", "save_figure", "topk_figure"]
+
+_SUGGESTED_COLORMAPS = ("jet", "viridis", "inferno", "magma", "turbo")
+
+#: Width of one panel of :func:`topk_figure`, in inches.
+PANEL_INCHES = 3.0
+
+
+def colorize(heatmap: np.ndarray, colormap: str = "jet") -> np.ndarray:
+    """Map a heat map in ``[0, 1]`` to RGB colours with a matplotlib colour map.
+
+    Parameters
+    ----------
+    heatmap : (H, W) array_like of float
+        Heat map. Values are clipped to ``[0, 1]``; NaN is treated as 0.
+    colormap : str, optional
+        Name of any colour map in :data:`matplotlib.colormaps` (default ``"jet"``).
+
+    Returns
+    -------
+    rgb : (H, W, 3) ndarray of uint8
+        The colour of each pixel, each channel rounded to the nearest of 0..255.
+
+    Raises
+    ------
+    ValueError
+        If ``heatmap`` is not two-dimensional or ``colormap`` is not a known colour map.
+
+    Examples
+    --------
+    >>> rgb = colorize(np.array([[0.0, 1.0]]))
+    >>> rgb.shape, rgb.dtype
+    ((1, 2, 3), dtype('uint8'))
+    >>> rgb[0, 0].tolist()  # the dark blue end of "jet"
+    [0, 0, 128]
+    """
+    cmap = _get_colormap(colormap)
+    values = np.asarray(heatmap, dtype=np.float64)
+    if values.ndim != 2:
+        raise ValueError(f"heatmap must be a 2-D (H, W) array, got shape {values.shape}")
+    values = np.clip(np.nan_to_num(values, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
+    rgba = cmap(values)  # (H, W, 4) float in [0, 1]
+    return np.rint(rgba[..., :3] * 255.0).astype(np.uint8)
+
+
+def overlay(
+    image: Image.Image,
+    heatmap: np.ndarray,
+    *,
+    colormap: str = "jet",
+    alpha: float = 0.5,
+    box: Sequence[float] | None = None,
+    box_color: tuple[int, int, int] | str = (255, 255, 255),
+    box_width: int | None = None,
+) -> Image.Image:
+    """Blend a coloured heat map over an image, optionally outlining a box.
+
+    Each pixel is ``(1 - alpha) * image + alpha * colorize(heatmap)``, rounded to uint8.
+
+    Parameters
+    ----------
+    image : PIL.Image.Image
+        The input image; converted to RGB.
+    heatmap : (H, W) array_like of float
+        Heat map in ``[0, 1]`` at the image's resolution: ``H == image.height`` and
+        ``W == image.width``.
+    colormap : str, optional
+        Matplotlib colour map name (default ``"jet"``), see :func:`colorize`.
+    alpha : float, optional
+        Weight of the heat map, in ``[0, 1]`` (default 0.5). 0 returns the image unchanged,
+        1 returns the coloured heat map.
+    box : sequence of 4 floats, optional
+        ``[x0, y0, x1, y1]`` in image pixels, with ``x1`` and ``y1`` exclusive edges: the box
+        covers columns ``x0 .. x1 - 1`` and rows ``y0 .. y1 - 1``. Coordinates are rounded to
+        whole pixels and the box is clipped to the image; a box that misses the image entirely
+        draws nothing.
+    box_color : tuple of 3 ints or str, optional
+        Outline colour, anything PIL accepts (default white).
+    box_width : int, optional
+        Outline width in pixels, drawn inward from the box's edges. Default
+        ``max(1, round(min(W, H) / 150))``.
+
+    Returns
+    -------
+    PIL.Image.Image
+        A new RGB image of the same size as ``image``.
+
+    Raises
+    ------
+    ValueError
+        If the heat map's shape differs from ``(image.height, image.width)``, ``alpha`` is
+        outside ``[0, 1]``, ``box`` does not hold 4 finite numbers or ``box_width < 1``.
+
+    Examples
+    --------
+    >>> image = Image.new("RGB", (64, 48), (40, 40, 40))
+    >>> heat = np.zeros((48, 64))
+    >>> heat[10:30, 20:50] = 1.0
+    >>> out = overlay(image, heat, alpha=0.5, box=[20, 10, 50, 30])
+    >>> out.size, out.mode
+    ((64, 48), 'RGB')
+    >>> out.getpixel((20, 10))  # on the box outline
+    (255, 255, 255)
+    """
+    alpha = float(alpha)
+    if not 0.0 <= alpha <= 1.0:  # also rejects NaN
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    heat = np.asarray(heatmap)
+    expected = (image.height, image.width)
+    if heat.shape != expected:
+        raise ValueError(
+            f"heatmap shape {heat.shape} does not match the image's (height, width) {expected}; "
+            "resize the heat map to the image first"
+        )
+    base = np.asarray(image.convert("RGB"), dtype=np.float64)
+    colours = colorize(heat, colormap).astype(np.float64)
+    blended = (1.0 - alpha) * base + alpha * colours
+    out = Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8), mode="RGB")
+    if box is not None:
+        _draw_box(out, box, box_color, box_width)
+    return out
+
+
+def topk_figure(
+    image: Image.Image,
+    overlays: Sequence[Image.Image],
+    titles: Sequence[str],
+    *,
+    suptitle: str | None = None,
+) -> Figure:
+    """Lay out the input image and its class-map overlays in one row (like Figure 3 of CAM).
+
+    Parameters
+    ----------
+    image : PIL.Image.Image
+        The input image, shown first.
+    overlays : sequence of PIL.Image.Image
+        The ``K`` overlays, e.g. from :func:`overlay`, one per top-k class.
+    titles : sequence of str
+        Either ``K`` titles, one per overlay (the input panel is then titled ``"input"``), or
+        ``K + 1`` titles, the first for the input image.
+    suptitle : str, optional
+        A title over the whole figure.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        A figure with ``1 + K`` axes, axis lines and ticks off, 3 inches wide per panel.
+        Titles are shown literally (a ``$`` never starts mathtext).
+        It is not registered with ``pyplot``; save it with :func:`save_figure`.
+
+    Raises
+    ------
+    ValueError
+        If the number of titles is neither ``K`` nor ``K + 1``.
+
+    Examples
+    --------
+    >>> image = Image.new("RGB", (32, 32))
+    >>> heat = np.linspace(0, 1, 32 * 32).reshape(32, 32)
+    >>> fig = topk_figure(image, [overlay(image, heat)], ["tabby (281) 0.91"])
+    >>> [ax.get_title() for ax in fig.axes]
+    ['input', 'tabby (281) 0.91']
+    """
+    overlays = list(overlays)
+    titles = [str(t) for t in titles]
+    if len(titles) == len(overlays):
+        titles = ["input", *titles]
+    elif len(titles) != len(overlays) + 1:
+        raise ValueError(
+            f"got {len(titles)} titles for {len(overlays)} overlays; "
+            f"give {len(overlays)} (one per overlay) or {len(overlays) + 1} (input first)"
+        )
+    panels = [image, *overlays]
+    # Panels are PANEL_INCHES wide; the row is as tall as its tallest panel, plus titles.
+    aspect = max(panel.height / max(panel.width, 1) for panel in panels)
+    aspect = min(max(aspect, 0.25), 3.0)
+    height = PANEL_INCHES * aspect + 0.5 + (0.4 if suptitle else 0.0)
+    figure = Figure(figsize=(PANEL_INCHES * len(panels), height), layout="constrained")
+    axes = figure.subplots(1, len(panels), squeeze=False)[0]
+    for ax, panel, title in zip(axes, panels, titles, strict=True):
+        ax.imshow(np.asarray(panel.convert("RGB")), interpolation="nearest")
+        ax.set_title(_plain_text(title), fontsize=10)
+        ax.set_axis_off()
+    if suptitle:
+        figure.suptitle(_plain_text(suptitle))
+    return figure
+
+
+def save_figure(figure: Figure, path: str | os.PathLike, dpi: int = 100) -> Path:
+    """Save a figure as PNG, atomically.
+
+    Parameters
+    ----------
+    figure : matplotlib.figure.Figure
+        The figure, e.g. from :func:`topk_figure`.
+    path : str or os.PathLike
+        Destination; parent folders are created. A reader sees either the old file or the whole
+        new one, never a partial PNG.
+    dpi : int, optional
+        Resolution in dots per inch (default 100).
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+
+    Examples
+    --------
+    >>> fig = topk_figure(Image.new("RGB", (8, 8)), [], [])
+    >>> save_figure(fig, tmp_path / "fig.png")  # doctest: +SKIP
+    PosixPath('.../fig.png')
+    """
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=dpi, facecolor="white")
+    return Path(path)
+
+
+def _plain_text(text: str) -> str:
+    """Escape ``$`` so matplotlib shows labels and file names literally, never as mathtext."""
+    return str(text).replace("$", r"\$")
+
+
+def _get_colormap(name: str) -> matplotlib.colors.Colormap:
+    try:
+        return matplotlib.colormaps[name]
+    except KeyError:
+        suggestions = ", ".join(_SUGGESTED_COLORMAPS)
+        raise ValueError(
+            f"unknown colormap {name!r}; try one of {suggestions} (any matplotlib colormap name)"
+        ) from None
+
+
+def _draw_box(
+    image: Image.Image,
+    box: Sequence[float],
+    color: tuple[int, int, int] | str,
+    width: int | None,
+) -> None:
+    """Outline ``box`` (exclusive right/bottom edges) on ``image`` in place."""
+    coords = [float(v) for v in box]
+    if len(coords) != 4 or not all(math.isfinite(v) for v in coords):
+        raise ValueError(f"box must be 4 finite numbers [x0, y0, x1, y1], got {list(box)!r}")
+    w, h = image.size
+    if width is None:
+        width = max(1, round(min(w, h) / 150))
+    width = int(width)
+    if width < 1:
+        raise ValueError(f"box_width must be at least 1, got {width}")
+    x0, y0, x1, y1 = (round(v) for v in coords)
+    x0, x1 = sorted((x0, x1))
+    y0, y1 = sorted((y0, y1))
+    # Clip to the image; edges stay exclusive.
+    x0, x1 = max(x0, 0), min(x1, w)
+    y0, y1 = max(y0, 0), min(y1, h)
+    if x1 <= x0 or y1 <= y0:
+        return  # nothing of the box is inside the image
+    # PIL's rectangle includes its far corner, so pass the last covered pixel.
+    corners = (x0, y0, x1 - 1, y1 - 1)
+    draw = ImageDraw.Draw(image)
+    if 2 * width >= min(x1 - x0, y1 - y0):
+        # The outline covers the whole box. PIL's outline spills past thin boxes, so fill.
+        draw.rectangle(corners, fill=color)
+    else:
+        draw.rectangle(corners, outline=color, width=width)
