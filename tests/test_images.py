@@ -481,7 +481,7 @@ def test_permission_error_while_opening(tmp_path: Path, monkeypatch: pytest.Monk
         raise PermissionError(13, "Permission denied", str(path))
 
     monkeypatch.setattr(Image, "open", refuse)
-    with pytest.raises(ImageLoadError, match="'.*secret.png': permission denied"):
+    with pytest.raises(ImageLoadError, match=r"'.*secret\.png': permission denied"):
         load_image(path)
 
 
@@ -493,5 +493,5 @@ def test_collect_inputs_unlistable_folder(tmp_path: Path, monkeypatch: pytest.Mo
         raise PermissionError(13, "Permission denied", os.fspath(path))
 
     monkeypatch.setattr(os, "scandir", refuse)
-    with pytest.raises(ImageLoadError, match="cannot list folder '.*locked': Permission denied"):
+    with pytest.raises(ImageLoadError, match=r"cannot list folder '.*locked': Permission denied"):
         collect_inputs([folder])

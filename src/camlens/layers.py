@@ -2,8 +2,9 @@
 
 One dummy forward pass with temporary hooks on every module records, in the order the modules
 finish, what each returns. The classifier is the last ``nn.Linear`` whose output is the
-logits; the feature layer is the last module before it that returns a spatial feature map
-(N, C, h, w), pooling layers excepted. When a container and its last child return the same
+logits; the feature layer is the last module that returns a feature map (N, C, h, w) before
+the last global pooling module that precedes the classifier (or before the classifier, when the
+pooling is a function such as ``x.mean((2, 3))``). When a container and its last child return the same
 tensor, the container finishes last and is chosen (``"layer4"`` rather than
 ``"layer4.1.relu"``). CAM is exact when the linear layer's input equals the spatial mean of
 that feature map (or of its ReLU, as in DenseNet, whose ReLU is a function, not a module).
@@ -20,7 +21,7 @@ from camlens.errors import ConfigError
 from camlens.hooks import get_layer, preserved_state
 from camlens.outputs import OutputSpec, select_logits
 
-_POOLING = ("Pool", "Flatten", "Identity")
+_SKIPPED = ("Pool", "Flatten", "Identity")
 
 
 @dataclass(frozen=True)
@@ -140,11 +141,16 @@ def _find_classifier(calls: list[_Call], logits: torch.Tensor) -> _Call | None:
     return None
 
 
+def _is_global_pooling(c: _Call) -> bool:
+    pooled = c.output is not None and (c.output.ndim == 2 or c.output.shape[-2:] == (1, 1))
+    return pooled and "Pool" in type(c.module).__name__
+
+
 def _is_feature_map(c: _Call) -> bool:
     return (
         c.output is not None
         and c.output.ndim == 4
-        and not any(word in type(c.module).__name__ for word in _POOLING)
+        and not any(word in type(c.module).__name__ for word in _SKIPPED)
     )
 
 
@@ -163,14 +169,16 @@ def _find_features(
             )
         return chosen
     end = calls.index(classifier) if classifier is not None else len(calls)
+    pools = [i for i, c in enumerate(calls[:end]) if _is_global_pooling(c)]
+    if pools:
+        end = pools[-1]  # the feature map is what the last pooling before the classifier reads
     candidates = [c for c in calls[:end] if _is_feature_map(c)]
     if not candidates:
         raise ConfigError(
             "no layer of this model returns a spatial feature map (N, C, h, w); "
             "class activation maps need a convolutional network"
         )
-    spatial = [c for c in candidates if c.output.shape[-1] * c.output.shape[-2] > 1]
-    return (spatial or candidates)[-1]
+    return candidates[-1]
 
 
 def _check_gap(

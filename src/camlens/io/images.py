@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from camlens.errors import CamlensError
+
 __all__ = [
     "DEFAULT_MAX_PIXELS",
     "IMAGE_EXTENSIONS",
@@ -41,7 +43,7 @@ _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
 _BOMB_PIXELS_RE = re.compile(r"\((\d+) pixels\)")
 
 
-class ImageLoadError(Exception):
+class ImageLoadError(CamlensError):
     """An image could not be loaded.
 
     Parameters

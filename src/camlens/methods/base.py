@@ -165,8 +165,9 @@ class CAMMethod:
             raise ConfigError("gradients were requested but the layer output is not tracked")
         k = targets.shape[1]
         grads = []
-        for j in range(k):
-            score = logits.gather(1, targets[:, j : j + 1]).sum()
-            (grad,) = torch.autograd.grad(score, activation, retain_graph=j < k - 1)
-            grads.append(grad)
+        with torch.enable_grad():  # the caller may be inside torch.no_grad()
+            for j in range(k):
+                score = logits.gather(1, targets[:, j : j + 1]).sum()
+                (grad,) = torch.autograd.grad(score, activation, retain_graph=j < k - 1)
+                grads.append(grad)
         return torch.stack(grads, dim=1)

@@ -1,0 +1,524 @@
+"""Speed of camlens's map methods against a plain forward pass and against other libraries.
+
+Times one batch (16 images at 224 px by default) on the built-in EfficientNet-Lite0 for:
+plain forward, camlens CAM and Grad-CAM (raw maps), pytorch-grad-cam's GradCAM, torchcam's
+GradCAM and CAM, and ``camlens.explain`` end to end (raw maps + upsampled ``maps``).
+
+Every contender is warmed up, then timed in R rounds; each round runs every contender once in
+a freshly shuffled order (interleaved, so that drift of the machine hits all of them alike).
+The table reports the median seconds per batch and ratios of medians, checked against the
+targets of the issue::
+
+    CAM      <= 1.05 x forward
+    Grad-CAM <= 1.3  x forward
+    Grad-CAM <= 0.5  x pytorch-grad-cam
+
+Usage::
+
+    .venv/bin/python benchmarks/run.py --out benchmarks/RESULTS.md
+    .venv/bin/python benchmarks/run.py --quick          # 2 rounds, smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import gc
+import os
+import platform
+import random
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import camlens
+from camlens.io.samples import SAMPLES, sample_image
+from camlens.methods import CAM, GradCAM
+
+FORWARD = "forward (inference_mode)"
+CAMLENS_CAM = "camlens CAM"
+CAMLENS_GRADCAM = "camlens Grad-CAM"
+PGC = "pytorch-grad-cam GradCAM"
+PGC_BN1 = "pytorch-grad-cam GradCAM (`_bn1`)"
+TC_GRADCAM = "torchcam GradCAM"
+TC_CAM = "torchcam CAM"
+REFERENCE_MAPS = CAMLENS_GRADCAM
+
+
+@dataclass(frozen=True)
+class Target:
+    """``contender`` must take at most ``limit`` times the time of ``reference``."""
+
+    contender: str
+    reference: str
+    limit: float
+    short: str
+
+
+TARGETS = (
+    Target(CAMLENS_CAM, FORWARD, 1.05, "forward"),
+    Target(CAMLENS_GRADCAM, FORWARD, 1.3, "forward"),
+    Target(CAMLENS_GRADCAM, PGC, 0.5, "pytorch-grad-cam"),
+)
+
+
+@dataclass
+class Contender:
+    """One thing to time: ``run()`` processes the benchmark batch once."""
+
+    name: str
+    run: Callable[[], Any] | None
+    to_maps: Callable[[Any], torch.Tensor] | None = None
+    note: str = ""
+    error: str | None = None
+    times: list[float] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.run is not None and self.error is None
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+
+# ---------------------------------------------------------------------------------- setup
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=7, help="timed rounds (default 7)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first (default 3)")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per batch (16)")
+    parser.add_argument("--size", type=int, default=224, help="input side in pixels (224)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (all cores)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the round orders")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 rounds, 1 warm-up")
+    parser.add_argument("--out", type=Path, default=None, help="write the Markdown report here")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.warmup = 2, 1
+    if args.rounds < 1 or args.batch_size < 1 or args.size < 32:
+        parser.error("--rounds and --batch-size must be >= 1, --size >= 32")
+    return args
+
+
+def make_batch(model: camlens.Classifier, batch_size: int) -> torch.Tensor:
+    """The bundled sample photographs, repeated to fill the batch, preprocessed."""
+    photos = [sample_image(name) for name in SAMPLES]
+    return model.preprocess([photos[i % len(photos)] for i in range(batch_size)])
+
+
+def top1(module: nn.Module, x: torch.Tensor) -> list[int]:
+    with torch.inference_mode():
+        return module(x).argmax(dim=1).tolist()
+
+
+class TappedEfficientNet(nn.Module):
+    """The EfficientNet's own forward with its feature map exposed as ``tap`` (an Identity).
+
+    The head's feature map is the *last* call of the ReLU6 ``_swish``, a module shared with the
+    stem. pytorch-grad-cam hooks a module and uses the first activation it records, which for
+    ``_swish`` is the stem's (112 x 112); an Identity after ``extract_features`` gives it the
+    head's (7 x 7) map instead, with the same computation.
+    """
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.tap = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.tap(self.net.extract_features(x))
+        pooled = self.net._avg_pooling(features).flatten(1)
+        return self.net._fc(self.net._dropout(pooled))
+
+
+def guarded(name: str, build: Callable[[], Contender]) -> Contender:
+    """Build a contender; a library that fails to set up is reported, not dropped."""
+    try:
+        return build()
+    except Exception as exc:
+        return Contender(name, None, error=f"{type(exc).__name__}: {exc}")
+
+
+def first_target(maps: torch.Tensor) -> torch.Tensor:
+    """(N, K, h, w) camlens maps -> (N, h, w) maps of the first target."""
+    return maps[:, 0]
+
+
+def camlens_contenders(model: camlens.Classifier, x: torch.Tensor) -> list[Contender]:
+    module = model.module
+    cam, gradcam = CAM(module), GradCAM(module)
+
+    def forward() -> torch.Tensor:
+        with torch.inference_mode():
+            return module(x)
+
+    def explain(method: Any) -> torch.Tensor:
+        return camlens.explain(model, x, method=method).maps
+
+    return [
+        Contender(FORWARD, forward, note="`module(x)` under `torch.inference_mode()`"),
+        Contender(CAMLENS_CAM, lambda: cam(x, "top1"), first_target, "raw maps (N, 1, 7, 7)"),
+        Contender(
+            CAMLENS_GRADCAM, lambda: gradcam(x, "top1"), first_target, "raw maps (N, 1, 7, 7)"
+        ),
+        Contender(
+            "camlens.explain CAM",
+            lambda: explain(cam),
+            first_target,
+            "method instance reused; `.maps` (224 x 224, normalised)",
+        ),
+        Contender(
+            "camlens.explain Grad-CAM",
+            lambda: explain(gradcam),
+            first_target,
+            "method instance reused; `.maps` (224 x 224, normalised)",
+        ),
+        Contender(
+            'camlens.explain(method="cam")',
+            lambda: explain("cam"),
+            first_target,
+            "new method per call: layer discovery each time",
+        ),
+        Contender(
+            'camlens.explain(method="gradcam")',
+            lambda: explain("gradcam"),
+            first_target,
+            "new method per call: layer discovery each time",
+        ),
+    ]
+
+
+def pgc_contender(
+    name: str,
+    module: nn.Module,
+    layer: Callable[[nn.Module], nn.Module],
+    x: torch.Tensor,
+    classes: list[int],
+    note: str,
+) -> Contender:
+    """pytorch-grad-cam's GradCAM on a private copy of the network.
+
+    It keeps its hooks attached while the object lives, so it gets its own copy: its hooks
+    must not fire (and hoard activations) during the other contenders' forward passes.
+    """
+    from pytorch_grad_cam import GradCAM as PGCGradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    own = copy.deepcopy(module)
+    method = PGCGradCAM(model=own, target_layers=[layer(own)])
+    targets = [ClassifierOutputTarget(c) for c in classes]
+    return Contender(
+        name,
+        lambda: method(input_tensor=x, targets=targets),
+        lambda maps: torch.from_numpy(maps),
+        note,
+    )
+
+
+def torchcam_gradcam(module: nn.Module, x: torch.Tensor, layer: str) -> Contender:
+    from torchcam.methods import GradCAM as TCGradCAM
+
+    def run() -> torch.Tensor:
+        with TCGradCAM(module, target_layer=layer) as extractor:
+            scores = module(x)
+            return extractor(class_idx=scores.argmax(dim=1).tolist(), scores=scores)[0]
+
+    note = f"target `{layer}` (keeps its last call); hooks set up per call"
+    return Contender(TC_GRADCAM, run, lambda maps: maps, note)
+
+
+def torchcam_cam(module: nn.Module, x: torch.Tensor, layer: str) -> Contender:
+    from torchcam.methods import CAM as TCCAM
+
+    def run() -> torch.Tensor:
+        with TCCAM(module, target_layer=layer, fc_layer="_fc") as extractor:
+            with torch.inference_mode():
+                scores = module(x)
+            return extractor(class_idx=scores.argmax(dim=1).tolist())[0]
+
+    note = f"target `{layer}`, fc `_fc`; forward under `inference_mode`"
+    return Contender(TC_CAM, run, lambda maps: maps, note)
+
+
+def build_contenders(model: camlens.Classifier, x: torch.Tensor) -> list[Contender]:
+    module = model.module
+    classes = top1(module, x)
+    check_tapped(module, x)
+    return [
+        *camlens_contenders(model, x),
+        guarded(
+            PGC,
+            lambda: pgc_contender(
+                PGC,
+                TappedEfficientNet(module),
+                lambda net: net.tap,
+                x,
+                classes,
+                "feature map = last `_swish` call (Identity tap); maps resized to 224",
+            ),
+        ),
+        guarded(
+            PGC_BN1,
+            lambda: pgc_contender(
+                PGC_BN1,
+                module,
+                lambda net: net._bn1,
+                x,
+                classes,
+                "the head's BatchNorm before ReLU6: not the CAM feature map",
+            ),
+        ),
+        guarded(TC_GRADCAM, lambda: torchcam_gradcam(module, x, "_swish")),
+        guarded(TC_CAM, lambda: torchcam_cam(module, x, "_swish")),
+    ]
+
+
+def check_tapped(module: nn.Module, x: torch.Tensor) -> None:
+    """The tapped wrapper must compute exactly what the model computes."""
+    with torch.inference_mode():
+        same = torch.allclose(TappedEfficientNet(module)(x[:2]), module(x[:2]))
+    if not same:
+        raise RuntimeError("TappedEfficientNet does not reproduce the model's logits")
+
+
+# --------------------------------------------------------------------------------- timing
+
+
+def call(contender: Contender) -> float:
+    """Seconds for one run; a failing contender is marked and skipped from then on."""
+    gc.collect()
+    start = time.perf_counter()
+    try:
+        contender.run()
+    except Exception as exc:
+        contender.error = f"{type(exc).__name__}: {exc}"
+        return float("nan")
+    return time.perf_counter() - start
+
+
+def run_rounds(contenders: list[Contender], rounds: int, warmup: int, seed: int) -> None:
+    """Warm-up rounds, then timed rounds, each in a new random order of the contenders."""
+    rng = random.Random(seed)
+    for index in range(warmup + rounds):
+        order = [c for c in contenders if c.ok]
+        rng.shuffle(order)
+        timed = index >= warmup
+        label = f"round {index - warmup + 1}/{rounds}" if timed else f"warm-up {index + 1}"
+        print(label, flush=True)
+        for contender in order:
+            seconds = call(contender)
+            if timed and contender.ok:
+                contender.times.append(seconds)
+
+
+# -------------------------------------------------------------------------------- results
+
+
+def agreement(contenders: list[Contender], size: int) -> dict[str, float]:
+    """Mean per-image Pearson correlation of each contender's maps with camlens Grad-CAM's.
+
+    All maps are put through ReLU and bilinear resizing to ``size`` first, so that raw,
+    normalised, 7 x 7 and 224 x 224 outputs are comparable.
+    """
+
+    def prepared(c: Contender) -> torch.Tensor:
+        with torch.no_grad():
+            maps = torch.as_tensor(c.to_maps(c.run())).detach().float().relu()
+            maps = F.interpolate(maps[:, None], size=(size, size), mode="bilinear")
+            maps = maps.flatten(1)
+            return maps - maps.mean(dim=1, keepdim=True)
+
+    usable = [c for c in contenders if c.ok and c.to_maps is not None]
+    reference = next(c for c in usable if c.name == REFERENCE_MAPS)
+    ref = prepared(reference)
+    scores = {}
+    for c in usable:
+        maps = prepared(c)
+        corr = (maps * ref).sum(1) / (maps.norm(dim=1) * ref.norm(dim=1)).clamp_min(1e-12)
+        scores[c.name] = float(corr.mean())
+    return scores
+
+
+def ratio(contenders: dict[str, Contender], name: str, reference: str) -> float | None:
+    a, b = contenders.get(name), contenders.get(reference)
+    if a is None or b is None or not (a.ok and b.ok and a.times and b.times):
+        return None
+    return a.median / b.median
+
+
+def paired_ratio(contenders: dict[str, Contender], name: str, reference: str) -> float | None:
+    """Median over rounds of the per-round ratio (the two ran in the same round)."""
+    a, b = contenders.get(name), contenders.get(reference)
+    if a is None or b is None or not (a.ok and b.ok and a.times and b.times):
+        return None
+    return statistics.median(x / y for x, y in zip(a.times, b.times, strict=True))
+
+
+def target_cells(contenders: dict[str, Contender], name: str) -> tuple[str, str]:
+    targets = [t for t in TARGETS if t.contender == name]
+    if not targets:
+        return "", ""
+    wanted, verdicts = [], []
+    for t in targets:
+        wanted.append(f"≤ {t.limit:g} x {t.short}")
+        value = ratio(contenders, t.contender, t.reference)
+        verdicts.append("n/a" if value is None else ("PASS" if value <= t.limit else "MISS"))
+    return "; ".join(wanted), "; ".join(f"**{v}**" for v in verdicts)
+
+
+def fmt(value: float | None, digits: int = 2) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def results_table(contenders: list[Contender]) -> str:
+    by_name = {c.name: c for c in contenders}
+    lines = [
+        "| contender | median s/batch | x forward | x pytorch-grad-cam | target | status |",
+        "|---|---:|---:|---:|---|---|",
+    ]
+    for c in contenders:
+        if not c.ok or not c.times:
+            lines.append(f"| {c.name} | failed | – | – | | `{c.error}` |")
+            continue
+        wanted, status = target_cells(by_name, c.name)
+        lines.append(
+            f"| {c.name} | {c.median:.3f} | {fmt(ratio(by_name, c.name, FORWARD))} "
+            f"| {fmt(ratio(by_name, c.name, PGC))} | {wanted} | {status} |"
+        )
+    return "\n".join(lines)
+
+
+def details_table(contenders: list[Contender], corr: dict[str, float]) -> str:
+    lines = [
+        "| contender | min–max s/batch | map corr. vs camlens Grad-CAM | notes |",
+        "|---|---|---:|---|",
+    ]
+    for c in contenders:
+        if not c.ok or not c.times:
+            lines.append(f"| {c.name} | – | – | failed: `{c.error}` |")
+            continue
+        spread = f"{min(c.times):.3f}–{max(c.times):.3f}"
+        lines.append(f"| {c.name} | {spread} | {fmt(corr.get(c.name), 3)} | {c.note} |")
+    return "\n".join(lines)
+
+
+def paired_lines(contenders: list[Contender]) -> str:
+    by_name = {c.name: c for c in contenders}
+    lines = []
+    for t in TARGETS:
+        value = paired_ratio(by_name, t.contender, t.reference)
+        lines.append(
+            f"- {t.contender} / {t.reference}: {fmt(value)} (target ≤ {t.limit:g}; median of "
+            "per-round ratios)"
+        )
+    return "\n".join(lines)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def library_versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    parts = []
+    for dist in ("camlens", "grad-cam", "torchcam"):
+        try:
+            parts.append(f"{dist} {version(dist)}")
+        except PackageNotFoundError:
+            parts.append(f"{dist} not installed")
+    return ", ".join(parts)
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def report(args: argparse.Namespace, contenders: list[Contender], corr: dict[str, float]) -> str:
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return f"""# camlens benchmark
+
+Generated by `benchmarks/run.py` (`make bench`) on {now}.
+
+- Machine: {cpu_model()}, {os.cpu_count()} logical cores, `torch.set_num_threads({args.threads})`,
+  CPU only.
+- Software: Python {platform.python_version()}, torch {torch.__version__}, {library_versions()}.
+- Workload: built-in `efficientnet_lite0`, one batch of {args.batch_size} images at
+  {args.size} x {args.size} px (the bundled sample photos, repeated, through `model.preprocess`),
+  explaining the top-1 class.
+- Method: {args.warmup} untimed warm-up rounds, then {args.rounds} timed rounds; every round runs
+  each contender once, in a new random order (seed {args.seed}). `median s/batch` is the median
+  over rounds of `time.perf_counter()` around one call; ratios are ratios of medians.
+- Plain forward is `model.module(x)` under `torch.inference_mode()` (camlens CAM runs its forward
+  under `inference_mode` too; Grad-CAM runs it under `no_grad`, switching grad on at the layer).
+- pytorch-grad-cam: `GradCAM(...)(input_tensor=x, targets=[ClassifierOutputTarget(c) ...])`
+  with the top-1 classes computed beforehand. It cannot target the shared ReLU6 `_swish` on its
+  last call (it records every call of the module and uses the first, the stem's), so the
+  reference row wraps the same network with an `nn.Identity` after `extract_features` and
+  targets that: the same feature map as camlens. The `_bn1` row is the head's BatchNorm just
+  before the ReLU6, the closest real module. Each gets its own copy of the network because its
+  hooks stay attached between calls. Its output is the maps resized to the input (cv2) and
+  normalised.
+- torchcam keeps the *last* call of a hooked module, so it targets `_swish` directly.
+- Peak RSS of the whole run: {peak_rss_mib():.0f} MiB.
+
+{results_table(contenders)}
+
+Targets (issue): CAM ≤ 1.05 x forward, Grad-CAM ≤ 1.3 x forward, Grad-CAM ≤ 0.5 x
+pytorch-grad-cam. Paired check (same round):
+
+{paired_lines(contenders)}
+
+## Details
+
+Map correlation: mean per-image Pearson correlation with camlens Grad-CAM's maps after ReLU
+and bilinear resizing to {args.size} px (1.000 = same map; CAM equals Grad-CAM up to scale on
+this GAP + linear head).
+
+{details_table(contenders, corr)}
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.threads = args.threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(args.threads)
+    model = camlens.load_model("efficientnet_lite0")
+    model = replace(model, input_size=(args.size, args.size))
+    x = make_batch(model, args.batch_size)
+    contenders = build_contenders(model, x)
+    run_rounds(contenders, args.rounds, args.warmup, args.seed)
+    corr = agreement(contenders, args.size)
+    print()
+    print(results_table(contenders))
+    print()
+    print(paired_lines(contenders))
+    print(f"\npeak RSS {peak_rss_mib():.0f} MiB, {args.threads} threads")
+    if args.out is not None:
+        args.out.write_text(report(args, contenders, corr), encoding="utf-8")
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
