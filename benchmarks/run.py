@@ -335,8 +335,9 @@ def agreement(contenders: list[Contender], size: int) -> dict[str, float]:
     """
 
     def prepared(c: Contender) -> torch.Tensor:
+        output = c.run()  # outside no_grad: the gradient methods need autograd
         with torch.no_grad():
-            maps = torch.as_tensor(c.to_maps(c.run())).detach().float().relu()
+            maps = torch.as_tensor(c.to_maps(output)).detach().float().relu()
             maps = F.interpolate(maps[:, None], size=(size, size), mode="bilinear")
             maps = maps.flatten(1)
             return maps - maps.mean(dim=1, keepdim=True)

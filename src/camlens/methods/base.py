@@ -113,9 +113,7 @@ class CAMMethod:
             with capture, grad_context:
                 logits = select_logits(self.module(x), self.output)
             ids = resolve_targets(targets, logits.detach(), self.labels)
-            activation = capture.activation
-            weights = self.channel_weights(activation, logits, ids)
-            raw = self.combine(weights, self.feature_maps(activation))
+            raw = self.compute_raw(x, capture.activation, logits, ids)
         result = MethodResult(
             raw=raw.detach().float(),
             logits=logits.detach(),
@@ -132,6 +130,21 @@ class CAMMethod:
                 self.module, x, layer=self.layer, call=self.call, output=self.output
             )
         return self.head
+
+    def compute_raw(
+        self,
+        x: torch.Tensor,
+        activation: torch.Tensor,
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+    ) -> torch.Tensor:
+        """(N, K, h, w) raw maps. Default: ``combine(channel_weights, feature_maps)``.
+
+        Methods that are not a channel-weighted sum (element-wise gradients, projections,
+        perturbations that need the input ``x``) override this instead of ``channel_weights``.
+        """
+        weights = self.channel_weights(activation, logits, targets)
+        return self.combine(weights, self.feature_maps(activation))
 
     def feature_maps(self, activation: torch.Tensor) -> torch.Tensor:
         """The maps that the channel weights multiply (the layer's output by default)."""

@@ -6,9 +6,11 @@ is conv 1x1 -> 1280 x 7 x 7 -> BN -> ReLU6 -> global average pooling -> dropout 
 1000: a true CAM architecture. The ReLU6 module is shared by the stem and the head, so the
 feature layer is ``_swish`` on its last call.
 
-Normalisation, measured (``benchmarks/normalization.py``): the TensorFlow Lite recipe,
-``(pixel - 127) / 128``, gives the expected classes with the highest confidence on the sample
-photographs (chelsea -> Egyptian cat, coffee -> espresso); ImageNet mean/std is slightly worse.
+Normalisation, measured with ``benchmarks/normalization.py`` (mean log-probability of the
+right class on chelsea -> Egyptian cat and coffee -> espresso): ImageNet mean/std -0.188,
+``(x - 0.5) / 0.5`` -0.167, TF-Lite ``(pixel - 127) / 128`` -0.170. The [-1, 1] scalings fit
+the weights better than ImageNet mean/std; the two differ by far less than two photographs can
+resolve, so camlens uses the constants of the official EfficientNet-Lite code, 127 and 128.
 """
 
 from __future__ import annotations
