@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= demo_out
 
-.PHONY: demo test lint format bench clean
+.PHONY: demo test lint format bench browser clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,7 +19,13 @@ demo: $(STAMP)
 	$(BIN)/camlens demo --out $(DEMO_OUT)
 	@echo "open $(DEMO_OUT)/index.html"
 
-test: $(STAMP)
+# Debian's chromium for the web app's real-browser test (skipped with a message when missing).
+browser:
+	@test -x /usr/bin/chromium || { command -v apt-get >/dev/null && \
+		(apt-get update -qq && apt-get install -y -qq chromium >/dev/null 2>&1) ; } || \
+		echo "chromium could not be installed: the browser test will be skipped"
+
+test: $(STAMP) browser
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/python -m pytest -q

@@ -1,0 +1,62 @@
+"""The public Python API: load_model, explain, Explanation.save."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import camlens
+from camlens.io.samples import write_samples
+from tiny_models import SharedActNet
+
+
+def test_load_model_wraps_a_module_with_default_preprocess():
+    module = SharedActNet()
+    model = camlens.load_model(module, labels=list("abcde"), input_size=(16, 20))
+    assert model.module is module and not module.training
+    assert model.labels == ["a", "b", "c", "d", "e"]
+    batch = model.preprocess([Image.new("RGB", (7, 3), (255, 0, 0))])
+    assert batch.shape == (1, 3, 16, 20)
+    expected = (torch.tensor([1.0, 0.0, 0.0]) - torch.tensor(camlens.models.IMAGENET_MEAN)) / (
+        torch.tensor(camlens.models.IMAGENET_STD)
+    )
+    torch.testing.assert_close(batch[0, :, 5, 5], expected)
+
+
+def test_load_model_without_labels_names_classes_by_index():
+    assert camlens.load_model(SharedActNet()).labels == ["0", "1", "2", "3", "4"]
+
+
+def test_unknown_model_lists_available():
+    with pytest.raises(camlens.ConfigError, match="efficientnet_lite0"):
+        camlens.load_model("resnet9000")
+
+
+def test_explain_paths_and_tensor_agree(builtin_model, tmp_path):
+    (path,) = write_samples(tmp_path, ["coffee"])
+    from_path = camlens.explain(builtin_model, path)
+    tensor = builtin_model.preprocess([path])
+    from_tensor = camlens.explain(builtin_model, tensor)
+    torch.testing.assert_close(from_path.raw, from_tensor.raw)
+    assert from_path.targets.tolist() == [[967]] and from_tensor.images is None
+    assert from_path.original_size(0) == (600, 400)  # (width, height) of skimage coffee
+
+
+def test_explanation_save_writes_contract_files(builtin_model, sample_photos, tmp_path):
+    result = camlens.explain(builtin_model, sample_photos, target="top2")
+    records = result.save(tmp_path, names=["cat.png", "coffee.png"])
+    lines = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert lines == records and [r["input"] for r in lines] == ["cat.png", "coffee.png"]
+    boxes = result.boxes(original=True)
+    for i, record in enumerate(records):
+        assert [m["class"] for m in record["maps"]] == result.targets[i].tolist()
+        assert [tuple(m["box"]) for m in record["maps"]] == boxes[i]
+        with np.load(tmp_path / record["raw"]) as raw:
+            np.testing.assert_array_equal(raw["raw"], result.raw[i].numpy())
+        with Image.open(tmp_path / record["maps"][0]["overlay"]) as overlay:
+            assert overlay.size == sample_photos[i].size
+    assert (tmp_path / "index.html").is_file()
