@@ -113,16 +113,19 @@ class Explanation:
         Computed on ``maps`` (input resolution) and, with ``original=True``, scaled to the
         original image. ``None`` where a map has no positive value.
         """
+        return [self.image_boxes(i, threshold, original=original) for i in range(len(self))]
+
+    def image_boxes(
+        self, i: int, threshold: float = 0.2, *, original: bool = False
+    ) -> list[Box | None]:
+        """Zhou's boxes of image ``i``, one per target (see ``boxes``)."""
         input_wh = (self.input_size[1], self.input_size[0])
         result = []
-        for i in range(len(self)):
-            row = []
-            for k in range(self.targets.shape[1]):
-                box = box_from_map(self.maps[i, k].numpy(), threshold)
-                if box is not None and original:
-                    box = scale_box(box, input_wh, self.original_size(i))
-                row.append(box)
-            result.append(row)
+        for k in range(self.targets.shape[1]):
+            box = box_from_map(self.maps[i, k].numpy(), threshold)
+            if box is not None and original:
+                box = scale_box(box, input_wh, self.original_size(i))
+            result.append(box)
         return result
 
     def overlays(
@@ -130,25 +133,29 @@ class Explanation:
     ) -> list[list[Image.Image]]:
         """Heat-map overlays on the original images (input-size gray images when unknown),
         with Zhou's box drawn when ``threshold`` is not None."""
+        return [
+            self.image_overlays(i, colormap=colormap, alpha=alpha, threshold=threshold)
+            for i in range(len(self))
+        ]
+
+    def image_overlays(
+        self, i: int, *, colormap: str = "jet", alpha: float = 0.5, threshold: float | None = 0.2
+    ) -> list[Image.Image]:
+        """Overlays of image ``i``, one per target (see ``overlays``)."""
         from camlens.render import overlay
 
-        boxes = self.boxes(threshold, original=True) if threshold is not None else None
-        result = []
-        for i in range(len(self)):
-            image = self.display_image(i)
-            result.append(
-                [
-                    overlay(
-                        image,
-                        self.heatmap(i, k, original=True),
-                        colormap=colormap,
-                        alpha=alpha,
-                        box=boxes[i][k] if boxes else None,
-                    )
-                    for k in range(self.targets.shape[1])
-                ]
+        boxes = self.image_boxes(i, threshold, original=True) if threshold is not None else None
+        image = self.display_image(i)
+        return [
+            overlay(
+                image,
+                self.heatmap(i, k, original=True),
+                colormap=colormap,
+                alpha=alpha,
+                box=boxes[k] if boxes else None,
             )
-        return result
+            for k in range(self.targets.shape[1])
+        ]
 
     def display_image(self, i: int) -> Image.Image:
         """The original image ``i``, or a neutral gray image of the input size."""

@@ -1,19 +1,28 @@
 """Stream inputs through a model and a method, writing results as they are made.
 
 decode (threads, one batch ahead) -> batch -> method -> Explanation -> per-input files ->
-``results.jsonl`` (one line per input, in input order) -> ``index.html``. Bad inputs become
-error records; the rest of the batch goes on. Peak memory does not grow with the number of
-inputs: only the current and the next batch are held.
+``results.jsonl`` (one line per input, in input order) -> ``index.html``.
+
+* Bad inputs become error records; the rest of the batch goes on.
+* Peak memory does not grow with the number of inputs: only the current and the next batch
+  are held, and every file is written as soon as it is made.
+* Every file is written atomically; a record is appended to ``results.jsonl`` only after its
+  files exist, so a run killed at any moment can be resumed (``resume=True``): a torn last
+  line is dropped, inputs with a record are skipped, the rest is redone.
+* Engines: ``"local"`` (this process) and ``"ray"`` (Ray Data actors, see
+  ``camlens.ray_engine``); both produce the same records in the same order.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -23,16 +32,18 @@ from PIL import Image
 from tqdm import tqdm
 
 from camlens.api import make_method
+from camlens.errors import ConfigError
 from camlens.explanation import Explanation
 from camlens.io import ImageLoadError, collect_inputs, load_image
-from camlens.methods import CAMMethod
-from camlens.models import Classifier
+from camlens.models import Classifier, load_model
 from camlens.render import save_figure, topk_figure
 from camlens.report.gallery import write_gallery
 from camlens.targets import Target
-from camlens.writers import JsonlWriter, write_npz, write_png
+from camlens.writers import JsonlWriter, write_npz, write_png, write_text
 
 RESULTS_FILE = "results.jsonl"
+OUTPUT_ENTRIES = (RESULTS_FILE, "index.html", "overlays", "raw", "figures")
+ENGINES = ("local", "ray")
 
 
 @dataclass(frozen=True)
@@ -45,17 +56,34 @@ class Style:
 
 
 @dataclass(frozen=True)
+class ExplainJob:
+    """What to compute for every input (everything but the inputs and the output folder)."""
+
+    model: Classifier | str
+    method: str = "cam"
+    target: Target = "top1"
+    layer: str | None = None
+    batch_size: int = 16
+    style: Style = field(default_factory=Style)
+    figures: bool = False
+    device: str | None = None
+
+
+@dataclass(frozen=True)
 class RunSummary:
-    """Counts of a finished run."""
+    """Counts of a finished run (``n_skipped``: inputs already done before a resume)."""
 
     n_inputs: int
     n_ok: int
     n_error: int
     out_dir: Path
+    n_skipped: int = 0
 
 
 @dataclass
-class _Loaded:
+class Loaded:
+    """One decoded input (or the reason it could not be decoded)."""
+
     index: int
     source: str
     image: Image.Image | None = None
@@ -64,7 +92,7 @@ class _Loaded:
 
 
 def run_explain(
-    classifier: Classifier,
+    classifier: Classifier | str,
     inputs: Sequence[str | Path],
     out_dir: str | Path,
     *,
@@ -76,49 +104,120 @@ def run_explain(
     figures: bool = False,
     progress: bool = True,
     title: str = "camlens explain",
+    engine: str = "local",
+    resume: bool = False,
+    overwrite: bool = False,
+    ray_address: str | None = None,
+    workers: int | None = None,
 ) -> RunSummary:
     """Explain every input and write overlays, raw maps, ``results.jsonl`` and ``index.html``.
 
     Parameters:
-        classifier: the model (see ``load_model``).
+        classifier: the model (a ``Classifier`` or a ``load_model`` spec).
         inputs: image files and folders (folders are searched recursively, sorted).
-        out_dir: output folder (created).
+        out_dir: output folder (created). A non-empty folder is refused unless ``resume``
+            (continue an interrupted run) or ``overwrite`` (remove camlens' previous outputs).
         method, target, layer: as in ``camlens.explain``.
         batch_size: images per forward pass.
         style: colormap, opacity and box threshold of the overlays.
         figures: also write one figure per input with all its maps side by side.
         progress: show a progress bar on stderr (only for more than 3 inputs).
+        engine: ``"local"`` or ``"ray"``; ``ray_address`` and ``workers`` configure Ray.
 
     Returns:
         A ``RunSummary``; ``n_error`` counts inputs that could not be read.
+
+    Raises:
+        ConfigError: bad configuration, or a non-empty output folder without resume/overwrite.
     """
+    if engine not in ENGINES:
+        raise ConfigError(f"unknown engine {engine!r}; choose one of: {', '.join(ENGINES)}")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    style = style or Style()
+    done = prepare_output(out_dir, resume=resume, overwrite=overwrite)
     paths = collect_inputs(inputs)
-    instance = make_method(classifier, method, layer)
+    job = ExplainJob(
+        model=classifier,
+        method=method,
+        target=target,
+        layer=layer,
+        batch_size=batch_size,
+        style=style or Style(),
+        figures=figures,
+    )
+    pending = [(i, str(p)) for i, p in enumerate(paths) if str(p) not in done]
     n_ok = n_error = 0
     bar = tqdm(
-        total=len(paths), unit="img", file=sys.stderr, disable=not progress or len(paths) <= 3
+        total=len(pending), unit="img", file=sys.stderr, disable=not progress or len(pending) <= 3
     )
-    with JsonlWriter(out_dir / RESULTS_FILE) as writer, bar:
-        for batch in _prefetched_batches(classifier, paths, batch_size):
-            for record in _explain_batch(
-                classifier, instance, batch, target, out_dir, style, figures
-            ):
-                writer.write(record)
-                n_ok += record["status"] == "ok"
-                n_error += record["status"] == "error"
-            bar.update(len(batch))
-    records = read_results(out_dir)
+    with JsonlWriter(out_dir / RESULTS_FILE, append=resume) as writer, bar:
+        for record in _engine_records(job, pending, out_dir, engine, ray_address, workers):
+            writer.write(record)
+            n_ok += record["status"] == "ok"
+            n_error += record["status"] == "error"
+            bar.update(1)
+    records = _finalize_results(out_dir, [str(p) for p in paths])
+    model_name = classifier if isinstance(classifier, str) else classifier.name
     write_gallery(
         out_dir,
         records,
         title=title,
-        subtitle=f"model {classifier.name} · method {instance.name} · target {target}",
+        subtitle=f"model {model_name} · method {method} · target {target}",
         figures={r["input"]: r["figure"] for r in records if r.get("figure")},
     )
-    return RunSummary(len(paths), n_ok, n_error, out_dir)
+    skipped = len(paths) - len(pending)
+    n_ok += sum(1 for r in records if r["input"] in done and r["status"] == "ok")
+    n_error += sum(1 for r in records if r["input"] in done and r["status"] == "error")
+    return RunSummary(len(paths), n_ok, n_error, out_dir, skipped)
+
+
+def prepare_output(out_dir: Path, *, resume: bool, overwrite: bool) -> set[str]:
+    """Make ``out_dir`` ready; return the inputs already done (for a resume).
+
+    A non-empty folder is refused unless ``resume`` or ``overwrite``. ``overwrite`` removes
+    only what camlens writes (``results.jsonl``, ``index.html``, ``overlays/``, ``raw/``,
+    ``figures/``), never other files. ``resume`` drops a torn last line of ``results.jsonl``.
+    """
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other; choose one")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if resume:
+        return {record["input"] for record in repair_results(out_dir / RESULTS_FILE)}
+    if overwrite:
+        for name in OUTPUT_ENTRIES:
+            target = out_dir / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            else:
+                target.unlink(missing_ok=True)
+    elif any(out_dir.iterdir()):
+        count = sum(1 for _ in out_dir.iterdir())
+        raise ConfigError(
+            f"the output folder {str(out_dir)!r} is not empty ({count} entries); use --resume "
+            "to continue an interrupted run there, --overwrite to replace camlens' previous "
+            "outputs, or choose another --out"
+        )
+    return set()
+
+
+def repair_results(path: Path) -> list[dict[str, Any]]:
+    """Read ``results.jsonl``, cutting off a torn (incomplete or unparsable) last line."""
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    records, good_end, start = [], 0, 0
+    while start < len(data):
+        end = data.find(b"\n", start)
+        if end == -1:
+            break  # no newline: the last write was torn
+        try:
+            records.append(json.loads(data[start:end]))
+        except json.JSONDecodeError:
+            break
+        good_end = start = end + 1
+    if good_end != len(data):
+        with open(path, "r+b") as handle:
+            handle.truncate(good_end)
+    return records
 
 
 def read_results(out_dir: str | Path) -> list[dict[str, Any]]:
@@ -131,6 +230,97 @@ def read_results(out_dir: str | Path) -> list[dict[str, Any]]:
             except json.JSONDecodeError:
                 continue
     return records
+
+
+def _finalize_results(out_dir: Path, inputs: list[str]) -> list[dict[str, Any]]:
+    """Put ``results.jsonl`` in input order with one record per input (after a resume the
+    file holds the earlier run's records first)."""
+    records = read_results(out_dir)
+    order = {source: i for i, source in enumerate(inputs)}
+    unique = {r["input"]: r for r in records}
+    ordered = sorted(unique.values(), key=lambda r: order.get(r["input"], len(order)))
+    if ordered != records:
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered)
+        write_text(out_dir / RESULTS_FILE, text)
+    return ordered
+
+
+def _engine_records(
+    job: ExplainJob,
+    pending: list[tuple[int, str]],
+    out_dir: Path,
+    engine: str,
+    ray_address: str | None,
+    workers: int | None,
+) -> Iterator[dict[str, Any]]:
+    if not pending:
+        return iter(())
+    if engine == "ray":
+        from camlens.ray_engine import ray_records
+
+        return ray_records(job, pending, out_dir, address=ray_address, workers=workers)
+    return _local_records(job, pending, out_dir)
+
+
+def _local_records(
+    job: ExplainJob, pending: list[tuple[int, str]], out_dir: Path
+) -> Iterator[dict[str, Any]]:
+    explainer = BatchExplainer(job, out_dir)
+    for batch in _prefetched_batches(explainer.classifier, pending, job.batch_size):
+        yield from explainer.explain_loaded(batch)
+
+
+class BatchExplainer:
+    """Loads the model and method once; turns batches of inputs into records and files.
+
+    Used in-process by the local engine and as the actor class of the Ray engine.
+    """
+
+    def __init__(self, job: ExplainJob, out_dir: str | Path) -> None:
+        self.job = job
+        self.out_dir = Path(out_dir)
+        model = job.model
+        self.classifier = load_model(model, device=job.device) if isinstance(model, str) else model
+        self.method = make_method(self.classifier, job.method, job.layer)
+
+    def explain_sources(self, items: Sequence[tuple[int, str]]) -> list[dict[str, Any]]:
+        """Decode and explain ``(index, path)`` items; one record per item, in order."""
+        return self.explain_loaded([load_input(self.classifier, i, s) for i, s in items])
+
+    def explain_loaded(self, batch: list[Loaded]) -> list[dict[str, Any]]:
+        """Explain decoded inputs; one record per item, in order."""
+        good = [item for item in batch if item.error is None]
+        records = {
+            item.index: error_record(item.source, item.error) for item in batch if item.error
+        }
+        if good:
+            explanation = self._explain([item.tensor for item in good], [i.image for i in good])
+            for i, item in enumerate(good):
+                records[item.index] = write_outputs(
+                    explanation,
+                    i,
+                    item.source,
+                    output_stem(item.index, item.source),
+                    self.out_dir,
+                    self.job.style,
+                    self.job.figures,
+                )
+        return [records[item.index] for item in batch]
+
+    def _explain(self, tensors: list[torch.Tensor], images: list[Image.Image]) -> Explanation:
+        x = torch.cat(tensors)
+        result = self.method.run(x, self.job.target)
+        return Explanation(
+            raw=result.raw.cpu(),
+            targets=result.targets.cpu(),
+            logits=result.logits.float().cpu(),
+            method=self.method.name,
+            layer=result.layer,
+            input_size=(x.shape[-2], x.shape[-1]),
+            labels=self.classifier.labels,
+            images=images,
+            identity_error=result.identity_error,
+        )
 
 
 def save_explanation(
@@ -146,7 +336,7 @@ def save_explanation(
     style = Style(colormap, alpha, threshold)
     names = names or [f"image{i}" for i in range(len(explanation))]
     records = [
-        _write_outputs(explanation, i, names[i], _stem(i, names[i]), out_dir, style, False)
+        write_outputs(explanation, i, names[i], output_stem(i, names[i]), out_dir, style, False)
         for i in range(len(explanation))
     ]
     with JsonlWriter(out_dir / RESULTS_FILE) as writer:
@@ -156,15 +346,23 @@ def save_explanation(
     return records
 
 
+def load_input(classifier: Classifier, index: int, source: str | os.PathLike) -> Loaded:
+    """Decode and preprocess one input; a bad file becomes a ``Loaded`` with ``error``."""
+    try:
+        image = load_image(source)
+    except ImageLoadError as error:
+        return Loaded(index, str(source), error=str(error))
+    return Loaded(index, str(source), image=image, tensor=classifier.preprocess(image))
+
+
 def _prefetched_batches(
-    classifier: Classifier, paths: list[Path], batch_size: int
-) -> Iterator[list[_Loaded]]:
+    classifier: Classifier, items: list[tuple[int, str]], batch_size: int
+) -> Iterator[list[Loaded]]:
     """Decode the next batch in worker threads while the current one is being explained."""
-    chunks = _chunks(enumerate(paths), batch_size)
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="camlens-decode") as pool:
-        pending: list[Future[_Loaded]] | None = None
-        for chunk in chunks:
-            submitted = [pool.submit(_load, classifier, i, p) for i, p in chunk]
+        pending: list[Future[Loaded]] | None = None
+        for chunk in chunks(items, batch_size):
+            submitted = [pool.submit(load_input, classifier, i, s) for i, s in chunk]
             if pending is not None:
                 yield [f.result() for f in pending]
             pending = submitted
@@ -172,56 +370,14 @@ def _prefetched_batches(
             yield [f.result() for f in pending]
 
 
-def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+def chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """Consecutive lists of ``size`` items (the last may be shorter)."""
     iterator = iter(items)
     while chunk := list(islice(iterator, size)):
         yield chunk
 
 
-def _load(classifier: Classifier, index: int, path: Path) -> _Loaded:
-    try:
-        image = load_image(path)
-    except ImageLoadError as error:
-        return _Loaded(index, str(path), error=str(error))
-    return _Loaded(index, str(path), image=image, tensor=classifier.preprocess(image))
-
-
-def _explain_batch(
-    classifier: Classifier,
-    method: CAMMethod,
-    batch: list[_Loaded],
-    target: Target,
-    out_dir: Path,
-    style: Style,
-    figures: bool,
-) -> list[dict[str, Any]]:
-    good = [item for item in batch if item.error is None]
-    records: dict[int, dict[str, Any]] = {
-        item.index: _error_record(item.source, item.error) for item in batch if item.error
-    }
-    if good:
-        x = torch.cat([item.tensor for item in good])
-        result = method.run(x, target)
-        explanation = Explanation(
-            raw=result.raw.cpu(),
-            targets=result.targets.cpu(),
-            logits=result.logits.float().cpu(),
-            method=method.name,
-            layer=result.layer,
-            input_size=(x.shape[-2], x.shape[-1]),
-            labels=classifier.labels,
-            images=[item.image for item in good],
-            identity_error=result.identity_error,
-        )
-        for i, item in enumerate(good):
-            stem = _stem(item.index, item.source)
-            records[item.index] = _write_outputs(
-                explanation, i, item.source, stem, out_dir, style, figures
-            )
-    return [records[item.index] for item in batch]
-
-
-def _write_outputs(
+def write_outputs(
     explanation: Explanation,
     i: int,
     source: str,
@@ -230,20 +386,20 @@ def _write_outputs(
     style: Style,
     figures: bool,
 ) -> dict[str, Any]:
+    """Write image ``i``'s overlays, raw maps (and figure); return its record."""
     probs = explanation.probs[i]
     top = probs.topk(min(5, probs.numel()))
     predictions = [
         {"class": int(c), "label": explanation.label(int(c)), "prob": round(float(p), 6)}
         for p, c in zip(top.values, top.indices, strict=True)
     ]
-    boxes = explanation.boxes(style.threshold, original=True)[i] if len(explanation) else []
-    overlays = explanation.overlays(
-        colormap=style.colormap, alpha=style.alpha, threshold=style.threshold
-    )[i]
+    boxes = explanation.image_boxes(i, style.threshold, original=True)
+    overlays = explanation.image_overlays(
+        i, colormap=style.colormap, alpha=style.alpha, threshold=style.threshold
+    )
     maps = []
-    for k, (class_id, image) in enumerate(
-        zip(explanation.targets[i].tolist(), overlays, strict=True)
-    ):
+    classes = explanation.targets[i].tolist()
+    for k, (class_id, image) in enumerate(zip(classes, overlays, strict=True)):
         relative = f"overlays/{stem}_c{class_id}.png"
         write_png(out_dir / relative, image)
         maps.append(
@@ -296,7 +452,8 @@ def _write_figure(
     return relative
 
 
-def _error_record(source: str, message: str | None) -> dict[str, Any]:
+def error_record(source: str, message: str | None) -> dict[str, Any]:
+    """The record of an input that could not be processed."""
     return {
         "input": source,
         "status": "error",
@@ -307,6 +464,7 @@ def _error_record(source: str, message: str | None) -> dict[str, Any]:
     }
 
 
-def _stem(index: int, source: str) -> str:
+def output_stem(index: int, source: str) -> str:
+    """File-name stem of input ``index``: its position and a sanitised name."""
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(source).stem)[:60] or "input"
     return f"{index:05d}_{name}"

@@ -63,6 +63,27 @@ from camlens.runner import run_explain
     type=click.FloatRange(0.0, 1.0, max_open=True),
     help="Box threshold: fraction of the map's maximum (Zhou 2016).",
 )
+@click.option(
+    "--engine",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="local: this process. ray: Ray actors (needs camlens[ray]); see --ray-address.",
+)
+@click.option(
+    "--ray-address",
+    default=None,
+    help="Address of an existing Ray cluster (HEAD:6379); default: start a local Ray.",
+)
+@click.option(
+    "--workers", default=None, type=click.IntRange(min=1), help="Ray actors (default: one per CPU)."
+)
+@click.option(
+    "--resume", is_flag=True, help="Continue an interrupted run in --out: skip inputs already done."
+)
+@click.option(
+    "--overwrite", is_flag=True, help="Replace camlens' previous outputs in a non-empty --out."
+)
 def explain(
     inputs: tuple[Path, ...],
     out_dir: Path,
@@ -75,6 +96,11 @@ def explain(
     colormap: str,
     alpha: float,
     threshold: float,
+    engine: str,
+    ray_address: str | None,
+    workers: int | None,
+    resume: bool,
+    overwrite: bool,
 ) -> None:
     """Explain images: an overlay per explained class, raw maps, results.jsonl, index.html.
 
@@ -92,6 +118,11 @@ def explain(
             layer=layer,
             batch_size=batch_size,
             style=make_style(colormap, alpha, threshold),
+            engine=engine,
+            ray_address=ray_address,
+            workers=workers,
+            resume=resume,
+            overwrite=overwrite,
         )
     )
     finish(summary)
@@ -119,6 +150,7 @@ def demo(out_dir: Path, method: str, device: str, colormap: str, alpha: float) -
 
     Writes one figure per photo with its five most likely classes side by side (like
     Figure 3 of the CAM paper), the overlays, raw maps, results.jsonl and index.html.
+    Previous demo outputs in --out are replaced.
     """
     samples = write_samples(out_dir / "samples")
     summary = run_or_exit(
@@ -130,6 +162,7 @@ def demo(out_dir: Path, method: str, device: str, colormap: str, alpha: float) -
             target="top5",
             style=make_style(colormap, alpha, 0.2),
             figures=True,
+            overwrite=True,
             title="camlens demo: where EfficientNet-Lite0 looks",
         )
     )

@@ -1,0 +1,5 @@
+"""``python -m camlens``: the command line."""
+
+from camlens.cli import main
+
+main()

@@ -1,0 +1,5 @@
+"""``python -m camlens.cli``: the command line."""
+
+from camlens.cli import main
+
+main()
