@@ -34,7 +34,7 @@ def main() -> None:
         with torch.inference_mode():
             probs = model.module(model.preprocess(images)).softmax(dim=1)
         cells, logp = [], 0.0
-        for row, (sample, cls) in enumerate(KNOWN.items()):
+        for row, cls in enumerate(KNOWN.values()):
             p = float(probs[row, cls])
             logp += math.log(p) / len(KNOWN)
             cells.append(f"{p:.3f} {int(probs[row].argmax()):4d}")

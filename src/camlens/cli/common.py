@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 import click
 import numpy as np
 
 from camlens.errors import ConfigError
-from camlens.models import Classifier, load_model
+from camlens.models import DEFAULT_MODEL, Classifier, available_models, load_model
+from camlens.models.checkpoints import TORCHSCRIPT_NOT_HOOKABLE
 from camlens.runner import RunSummary, Style
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
@@ -43,8 +45,64 @@ def make_style(colormap: str, alpha: float, threshold: float) -> Style:
     return Style(colormap=colormap, alpha=alpha, threshold=threshold)
 
 
-def load_classifier(spec: str, device: str) -> Classifier:
-    return load_model(spec, device=device)
+def model_options(function):
+    """``--model``, ``--weights``, ``--labels`` and ``--trust-model``: which model to explain.
+
+    The command receives ``model_spec``, ``weights``, ``labels`` and ``trust_model``; pass them
+    to ``load_classifier``.
+    """
+    options = [
+        click.option(
+            "--model",
+            "model_spec",
+            default=DEFAULT_MODEL,
+            show_default=True,
+            help=f"Model: {', '.join(available_models())}, a folder written by "
+            "`camlens train`, or a TorchScript file.",
+        ),
+        click.option(
+            "--weights",
+            type=click.Path(exists=True, dir_okay=False, path_type=Path),
+            default=None,
+            help="State dict for --model (.safetensors, .pt, .pth, or TorchScript); the "
+            "number of classes is read from it.",
+        ),
+        click.option(
+            "--labels",
+            type=click.Path(exists=True, dir_okay=False, path_type=Path),
+            default=None,
+            help="Class names: a text file (one per line) or JSON (a list, or an object "
+            "mapping indices to names or names to indices). Default: the model's own names, "
+            "else class indices.",
+        ),
+        click.option(
+            "--trust-model",
+            is_flag=True,
+            default=False,
+            help="Allow model files that run code when loaded (a module saved with "
+            "torch.save(model)). Only for files from a source you trust.",
+        ),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def load_classifier(
+    spec: str,
+    device: str,
+    *,
+    weights: Path | None = None,
+    labels: Path | None = None,
+    trust_model: bool = False,
+) -> Classifier:
+    """Load the model for a command; refuse TorchScript early, since no method can hook it."""
+    classifier = load_model(
+        spec, weights=weights, labels=labels, trust_model=trust_model, device=device
+    )
+    if classifier.info.get("format") == "torchscript":
+        raise ConfigError(TORCHSCRIPT_NOT_HOOKABLE.format(name=spec, path=spec))
+    return classifier
 
 
 def run_or_exit(job: Callable[[], T]) -> T:

@@ -6,10 +6,17 @@ from pathlib import Path
 
 import click
 
-from camlens.cli.common import finish, load_classifier, make_style, run_or_exit, style_options
+from camlens.cli.common import (
+    finish,
+    load_classifier,
+    make_style,
+    model_options,
+    run_or_exit,
+    style_options,
+)
 from camlens.io.samples import SAMPLES, write_samples
 from camlens.methods import METHODS
-from camlens.models import DEFAULT_MODEL, available_models
+from camlens.models import DEFAULT_MODEL
 from camlens.runner import run_explain
 
 
@@ -22,13 +29,7 @@ from camlens.runner import run_explain
     type=click.Path(path_type=Path),
     help="Output folder (created).",
 )
-@click.option(
-    "--model",
-    "model_spec",
-    default=DEFAULT_MODEL,
-    show_default=True,
-    help=f"Model: {', '.join(available_models())}.",
-)
+@model_options
 @click.option(
     "--method",
     default="cam",
@@ -88,6 +89,9 @@ def explain(
     inputs: tuple[Path, ...],
     out_dir: Path,
     model_spec: str,
+    weights: Path | None,
+    labels: Path | None,
+    trust_model: bool,
     method: str,
     target: str,
     layer: str | None,
@@ -110,7 +114,9 @@ def explain(
     """
     summary = run_or_exit(
         lambda: run_explain(
-            load_classifier(model_spec, device),
+            load_classifier(
+                model_spec, device, weights=weights, labels=labels, trust_model=trust_model
+            ),
             list(inputs),
             out_dir,
             method=method,
