@@ -20,9 +20,9 @@ def main() -> None:
 
 
 def _register() -> None:
-    from camlens.cli import explain
+    from camlens.cli import explain, serve
 
-    for command in (explain.explain, explain.demo):
+    for command in (explain.explain, explain.demo, serve.serve):
         main.add_command(command)
 
 

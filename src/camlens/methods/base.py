@@ -7,6 +7,7 @@ rescaling. ``Explanation.maps`` derives the [0, 1] input-size maps from them.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -20,6 +21,8 @@ from camlens.layers import CamHead, find_cam_head
 from camlens.outputs import OutputSpec, select_logits
 from camlens.targets import Target, resolve_targets
 
+LayerSpec = str | Sequence[str] | None
+
 
 @dataclass
 class MethodResult:
@@ -29,7 +32,8 @@ class MethodResult:
         raw: (N, K, h, w) float32 signed maps at feature resolution.
         logits: (N, classes) the model's scores for the batch.
         targets: (N, K) long, the explained classes.
-        layer: qualified name of the layer the maps come from.
+        layer: qualified name of the layer the maps come from (several layers fused:
+            their names joined by commas).
         identity_error: for CAM, max |mean(M_c) + b_c - y_c| over the batch; else None.
     """
 
@@ -38,6 +42,24 @@ class MethodResult:
     targets: torch.Tensor
     layer: str
     identity_error: float | None = None
+
+
+class _ChainedCapture(LayerCapture):
+    """A ``LayerCapture`` that keeps a layer downstream of another captured layer in the graph.
+
+    With several layers captured in one forward pass, the first one reached becomes the
+    gradient leaf; a later layer whose output already depends on it must not be detached,
+    or the gradient could not flow back to the earlier layer.
+    """
+
+    def __init__(self, layer: nn.Module, *, call: int = -1, track_gradients: bool = False):
+        super().__init__(layer, call=call, track_gradients=track_gradients)
+        self.wants_gradients = track_gradients
+
+    def _hook(self, module: nn.Module, inputs: object, output: object) -> torch.Tensor:
+        in_graph = isinstance(output, torch.Tensor) and output.requires_grad
+        self.track_gradients = self.wants_gradients and not in_graph
+        return super()._hook(module, inputs, output)
 
 
 class CAMMethod:
@@ -51,39 +73,78 @@ class CAMMethod:
     Parameters:
         module: the classifier (``nn.Module``).
         layer: qualified name of the feature layer; ``None`` finds the layer that feeds global
-            average pooling (see ``camlens.layers.find_cam_head``).
+            average pooling (see ``camlens.layers.find_cam_head``). Methods that fuse layers
+            (``fuses_layers``, Layer-CAM) also take a list of names, or one comma-separated
+            string.
         call: which call of the layer to use when the module runs several times per forward
             (-1, the default, is the last one).
         output: how to pick the logits from the model's output (tuple, dict...).
         labels: class names, for targets given by name.
+        smooth: gradient methods only: average the raw maps over this many noisy copies of
+            the input (SmoothGrad-style, Smilkov et al. 2017); 0 (default) = no smoothing.
+            The targets are resolved once, on the clean input; ``logits`` are the clean ones.
+        smooth_sigma: standard deviation of the Gaussian noise, as a fraction of each image's
+            value range ``max(x_n) - min(x_n)`` (0.15, SmoothGrad's recommended level).
 
     Example:
         >>> with GradCAM(model) as method:
         ...     raw = method(x, "top1")
+        >>> smooth = GradCAM(model, smooth=8)(x, "top1")  # noise from torch's global RNG
     """
 
     name: ClassVar[str] = "base"
     needs_gradients: ClassVar[bool] = False
+    fuses_layers: ClassVar[bool] = False
 
     def __init__(
         self,
         module: nn.Module,
-        layer: str | None = None,
+        layer: LayerSpec = None,
         *,
         call: int = -1,
         output: OutputSpec = None,
         labels: Sequence[str] | None = None,
+        smooth: int = 0,
+        smooth_sigma: float = 0.15,
     ) -> None:
         if not isinstance(module, nn.Module):
             raise ConfigError(f"{type(self).__name__} needs an nn.Module, got {type(module)}")
-        if layer is not None:
-            get_layer(module, layer)
+        for name in self._layer_names(layer):
+            get_layer(module, name)
+        if smooth < 0 or smooth_sigma < 0:
+            raise ConfigError(
+                f"smooth and smooth_sigma must be >= 0, got smooth={smooth}, "
+                f"smooth_sigma={smooth_sigma}"
+            )
+        if smooth and not self.needs_gradients:
+            raise ConfigError(
+                f"smooth={smooth}: noise smoothing applies to gradient methods (gradcam, "
+                f"gradcam++, hirescam, xgradcam, layercam); {self.name} does not use gradients"
+            )
         self.module = module
         self.layer = layer
         self.call = call
         self.output = output
         self.labels = labels
+        self.smooth = smooth
+        self.smooth_sigma = smooth_sigma
         self.head: CamHead | None = None
+        self.heads: list[CamHead] | None = None
+        self.layer_calls = 0  # how often the (last) feature layer ran in the last forward
+
+    def _layer_names(self, layer: LayerSpec) -> list[str]:
+        """The layer names asked for: ``"a,b"`` (as ``MethodResult.layer`` writes several
+        layers, and as a command line passes them) is the same as ``["a", "b"]``."""
+        if layer is None:
+            return []
+        names = [n.strip() for n in layer.split(",")] if isinstance(layer, str) else list(layer)
+        if not names or not all(isinstance(n, str) for n in names):
+            raise ConfigError(f"layer must be a name or a non-empty list of names, got {layer!r}")
+        if len(names) > 1 and not self.fuses_layers:
+            raise ConfigError(
+                f"{self.name} explains one layer, got {names}; only layercam fuses several layers"
+            )
+        return names
 
     def __enter__(self) -> CAMMethod:
         return self
@@ -104,30 +165,84 @@ class CAMMethod:
         if x.is_inference():
             x = x.clone()
         with preserved_state(self.module):
-            head = self.resolve_head(x)
-            layer_module = get_layer(self.module, head.feature_layer)
-            capture = LayerCapture(
-                layer_module, call=head.call, track_gradients=self.needs_gradients
-            )
-            grad_context = torch.no_grad() if self.needs_gradients else torch.inference_mode()
-            with capture, grad_context:
-                logits = select_logits(self.module(x), self.output)
-            ids = resolve_targets(targets, logits.detach(), self.labels)
-            raw = self.compute_raw(x, capture.activation, logits, ids)
+            heads = self.resolve_heads(x)
+            if self.smooth:
+                raw, logits, ids = self._smoothed(x, targets)
+            else:
+                raw, logits, ids = self._explain_once(x, targets)
         result = MethodResult(
             raw=raw.detach().float(),
             logits=logits.detach(),
             targets=ids,
-            layer=head.feature_layer,
+            layer=",".join(h.feature_layer for h in heads),
         )
         self.check(result)
         return result
 
+    def _explain_once(
+        self, x: torch.Tensor, targets: Target
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One forward pass with the feature layer(s) captured, then the method's maps."""
+        captures = [
+            _ChainedCapture(
+                get_layer(self.module, h.feature_layer),
+                call=h.call,
+                track_gradients=self.needs_gradients,
+            )
+            for h in self.heads
+        ]
+        grad_context = torch.no_grad() if self.needs_gradients else torch.inference_mode()
+        with contextlib.ExitStack() as stack:
+            for capture in captures:
+                stack.enter_context(capture)
+            stack.enter_context(grad_context)
+            logits = select_logits(self.module(x), self.output)
+        self.layer_calls = captures[-1].n_calls
+        ids = resolve_targets(targets, logits.detach(), self.labels)
+        activations = [capture.activation for capture in captures]
+        if len(activations) == 1:
+            raw = self.compute_raw(x, activations[0], logits, ids)
+        else:
+            raw = self.fuse_layers(x, activations, logits, ids)
+        return raw.detach().float(), logits, ids
+
+    def _smoothed(
+        self, x: torch.Tensor, targets: Target
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Mean raw map over ``smooth`` noisy copies of ``x``, for the clean input's targets."""
+        with torch.inference_mode():
+            logits = select_logits(self.module(x), self.output)
+        ids = resolve_targets(targets, logits, self.labels)
+        spread = (x.amax(dim=(1, 2, 3)) - x.amin(dim=(1, 2, 3))).float()
+        sigma = (self.smooth_sigma * spread).to(x.dtype).view(-1, 1, 1, 1)
+        total = None
+        for _ in range(self.smooth):
+            noisy = x + torch.randn_like(x) * sigma
+            raw = self._explain_once(noisy, ids)[0]
+            total = raw if total is None else total + raw
+        return total / self.smooth, logits, ids
+
+    def resolve_heads(self, x: torch.Tensor) -> list[CamHead]:
+        """The heads of every explained layer (one unless the method fuses layers)."""
+        if self.heads is None:
+            names = self._layer_names(self.layer)
+            if len(names) > 1:
+                self.heads = [
+                    find_cam_head(self.module, x, layer=n, call=self.call, output=self.output)
+                    for n in names
+                ]
+                self.head = self.heads[-1]
+            else:
+                self.heads = [self.resolve_head(x)]
+        return self.heads
+
     def resolve_head(self, x: torch.Tensor) -> CamHead:
         """Find (once) the feature layer, and the classifier when the method needs it."""
         if self.head is None:
+            names = self._layer_names(self.layer)
+            layer = names[0] if names else None
             self.head = find_cam_head(
-                self.module, x, layer=self.layer, call=self.call, output=self.output
+                self.module, x, layer=layer, call=self.call, output=self.output
             )
         return self.head
 
@@ -145,6 +260,16 @@ class CAMMethod:
         """
         weights = self.channel_weights(activation, logits, targets)
         return self.combine(weights, self.feature_maps(activation))
+
+    def fuse_layers(
+        self,
+        x: torch.Tensor,
+        activations: list[torch.Tensor],
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+    ) -> torch.Tensor:
+        """(N, K, h, w) maps fused from several layers (methods with ``fuses_layers``)."""
+        raise NotImplementedError
 
     def feature_maps(self, activation: torch.Tensor) -> torch.Tensor:
         """The maps that the channel weights multiply (the layer's output by default)."""
@@ -166,21 +291,27 @@ class CAMMethod:
 
     @staticmethod
     def target_gradients(
-        activation: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor
-    ) -> torch.Tensor:
+        activation: torch.Tensor | Sequence[torch.Tensor],
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+    ) -> torch.Tensor | list[torch.Tensor]:
         """d y_target / d A for each target: (N, K, C, h, w).
 
         One backward pass per target column, each reaching only down to ``activation``
         (``torch.autograd.grad`` with respect to the layer output; parameters' ``.grad`` are
-        never written).
+        never written). Given a list of layer outputs, returns one such tensor per layer, from
+        the same backward passes.
         """
-        if not activation.requires_grad:
+        layers = [activation] if isinstance(activation, torch.Tensor) else list(activation)
+        if not all(a.requires_grad for a in layers):
             raise ConfigError("gradients were requested but the layer output is not tracked")
         k = targets.shape[1]
-        grads = []
+        grads: list[list[torch.Tensor]] = [[] for _ in layers]
         with torch.enable_grad():  # the caller may be inside torch.no_grad()
             for j in range(k):
                 score = logits.gather(1, targets[:, j : j + 1]).sum()
-                (grad,) = torch.autograd.grad(score, activation, retain_graph=j < k - 1)
-                grads.append(grad)
-        return torch.stack(grads, dim=1)
+                per_layer = torch.autograd.grad(score, layers, retain_graph=j < k - 1)
+                for store, grad in zip(grads, per_layer, strict=True):
+                    store.append(grad)
+        stacked = [torch.stack(g, dim=1) for g in grads]
+        return stacked[0] if isinstance(activation, torch.Tensor) else stacked

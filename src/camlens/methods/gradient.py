@@ -1,10 +1,21 @@
-"""Gradient-weighted methods."""
+"""Gradient-weighted methods: Grad-CAM, Grad-CAM++, HiResCAM, XGrad-CAM, Layer-CAM.
+
+All of them differentiate the target's logit ``y_c`` (pre-softmax score) with respect to the
+feature layer's output ``A`` only (``CAMMethod.target_gradients``), and compute in float32
+whatever the model's dtype. ``g = d y_c / d A`` below.
+"""
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Sequence
+from typing import Any
 
-from camlens.methods.base import CAMMethod
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from camlens.errors import ConfigError
+from camlens.methods.base import CAMMethod, LayerSpec
 
 
 class GradCAM(CAMMethod):
@@ -30,3 +41,214 @@ class GradCAM(CAMMethod):
         self, activation: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor
     ) -> torch.Tensor:
         return self.target_gradients(activation, logits, targets).mean(dim=(-2, -1))
+
+
+class GradCAMPlusPlus(CAMMethod):
+    """Grad-CAM++: positive gradients weighted by closed-form pixel coefficients.
+
+    ::
+
+        alpha_k^c[i, j] = g^2 / (2 g^2 + sum_ab A_k[a, b] * g^3)     (0 where the denominator is 0)
+        w_k^c           = sum_ij alpha_k^c[i, j] * relu(g[i, j])
+        M_c[i, j]       = sum_k w_k^c * A_k[i, j]                     (raw map: no ReLU)
+
+    with ``g = d y_c / d A_k[i, j]`` taken at each position. This is the paper's closed form
+    (Eq. 19) for the exponential score ``S_c = exp(y_c)`` of a piecewise-linear network: its
+    derivatives are ``S g``, ``S g^2`` and ``S g^3``, the factor ``S`` cancels in ``alpha``,
+    and in the weights it is one positive constant per (image, class), which is dropped (it
+    rescales the map only, and ``exp(y_c)`` overflows for large logits). This is the form of
+    pytorch-grad-cam's ``GradCAMPlusPlus`` (which adds 1e-6 to the denominator); the
+    authors' TensorFlow code additionally rescales the alphas of each channel to sum to 1,
+    which the paper does not. torchcam 0.5's ``GradCAMpp`` divides its alphas in place
+    through boolean-mask indexing, which divides a copy: it computes ``alpha = g^2``
+    (checked numerically); camlens does not reproduce that.
+
+    Chattopadhay, Sarkar, Howlader, Balasubramanian, "Grad-CAM++: Generalized Gradient-Based
+    Visual Explanations for Deep Convolutional Networks", WACV 2018.
+    """
+
+    name = "gradcam++"
+    needs_gradients = True
+
+    def channel_weights(
+        self, activation: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor
+    ) -> torch.Tensor:
+        grads = self.target_gradients(activation, logits, targets).float()
+        totals = activation.detach().float().sum(dim=(-2, -1))[:, None, :, None, None]
+        squared = grads.square()
+        denominator = 2 * squared + totals * squared * grads
+        safe = torch.where(denominator != 0, denominator, torch.ones_like(denominator))
+        alpha = torch.where(denominator != 0, squared / safe, torch.zeros_like(squared))
+        return (alpha * grads.relu()).sum(dim=(-2, -1))
+
+    def feature_maps(self, activation: torch.Tensor) -> torch.Tensor:
+        return activation.detach().float()
+
+
+class HiResCAM(CAMMethod):
+    """HiResCAM: gradient times activation, element by element, summed over channels.
+
+    ::
+
+        M_c[i, j] = sum_k g_k[i, j] * A_k[i, j]                      (raw map: no ReLU)
+
+    On a GAP + linear head ``g_k = w_k^c / (h w)`` everywhere, so HiResCAM equals CAM divided
+    by ``h * w`` exactly (the same normalised map), and its sum over positions is the logit
+    minus the bias: ``sum_ij M_c[i, j] = y_c - b_c``.
+
+    Draelos, Carin, "Use HiResCAM instead of Grad-CAM for faithful explanations of
+    convolutional neural networks", arXiv:2011.08891, 2020.
+    """
+
+    name = "hirescam"
+    needs_gradients = True
+
+    def compute_raw(
+        self,
+        x: torch.Tensor,
+        activation: torch.Tensor,
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+    ) -> torch.Tensor:
+        grads = self.target_gradients(activation, logits, targets).float()
+        return (grads * activation.detach().float()[:, None]).sum(dim=2)
+
+
+class XGradCAM(CAMMethod):
+    """XGrad-CAM (Axiom-based Grad-CAM): gradients averaged with the activations as weights.
+
+    ::
+
+        w_k^c     = sum_ij ( A_k[i, j] / sum_ab A_k[a, b] ) * g_k[i, j]
+        M_c[i, j] = sum_k w_k^c * A_k[i, j]                          (raw map: no ReLU)
+
+    A channel whose activations sum to exactly 0 gets weight 0 (its weight is undefined).
+    The formula assumes non-negative activations (post-ReLU layers); on signed feature maps a
+    channel sum near 0 makes its weight large. On a GAP + linear head (constant gradients)
+    ``w_k^c = w_k / (h w)``: XGrad-CAM equals Grad-CAM there. pytorch-grad-cam and torchcam
+    add an epsilon (1e-7, 1e-8) to the denominator instead.
+
+    Fu, Hu, Dong, Guo, Gao, Li, "Axiom-based Grad-CAM: Towards Accurate Visualization and
+    Explanation of CNNs", BMVC 2020.
+    """
+
+    name = "xgradcam"
+    needs_gradients = True
+
+    def channel_weights(
+        self, activation: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor
+    ) -> torch.Tensor:
+        grads = self.target_gradients(activation, logits, targets).float()
+        maps = activation.detach().float()
+        totals = maps.sum(dim=(-2, -1))[:, None]
+        weighted = (grads * maps[:, None]).sum(dim=(-2, -1))
+        safe = torch.where(totals != 0, totals, torch.ones_like(totals))
+        return torch.where(totals != 0, weighted / safe, torch.zeros_like(weighted))
+
+    def feature_maps(self, activation: torch.Tensor) -> torch.Tensor:
+        return activation.detach().float()
+
+
+class LayerCAM(CAMMethod):
+    """Layer-CAM: activations weighted by their positive gradients, position by position.
+
+    ::
+
+        M_c[i, j] = sum_k relu(g_k[i, j]) * A_k[i, j]                 (raw map: no ReLU)
+
+    On a GAP + linear head it is ``sum_k relu(w_k^c) A_k / (h w)``: CAM with the negative
+    class weights removed. Its use is shallow layers, where gradients vary by position.
+
+    **Several layers** (``layer=["layer2", "layer3", "layer4"]``): one forward and one
+    backward pass per target give every layer's map; each is normalised to its maximum
+    (``relu(M) / max``), scaled by ``tanh(gamma * M)`` (the paper's Eq. 9, gamma = 2, which
+    lifts the weak values of shallow layers), upsampled bilinearly to the finest layer's
+    resolution and combined by element-wise maximum. The fused raw map is then in [0, 1],
+    at the finest resolution, and ``MethodResult.layer`` lists the layers, comma-separated.
+    This matches torchcam's ``LayerCAM.fuse_cams`` applied to maps normalised the same way
+    (torchcam min-max normalises, which differs when a map has no zero). ``fusion_gamma=None``
+    skips the tanh scaling.
+
+    Jiang, Zhang, Hou, Cheng, Wei, "LayerCAM: Exploring Hierarchical Class Activation Maps
+    for Localization", IEEE TIP 2021.
+    """
+
+    name = "layercam"
+    needs_gradients = True
+    fuses_layers = True
+
+    def __init__(
+        self,
+        module: nn.Module,
+        layer: LayerSpec = None,
+        *,
+        fusion_gamma: float | None = 2.0,
+        **options: Any,
+    ) -> None:
+        super().__init__(module, layer, **options)
+        if fusion_gamma is not None and fusion_gamma <= 0:
+            raise ConfigError(f"fusion_gamma must be > 0 or None, got {fusion_gamma}")
+        self.fusion_gamma = fusion_gamma
+
+    def compute_raw(
+        self,
+        x: torch.Tensor,
+        activation: torch.Tensor,
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+    ) -> torch.Tensor:
+        grads = self.target_gradients(activation, logits, targets)
+        return self._layer_map(grads, activation)
+
+    def fuse_layers(
+        self,
+        x: torch.Tensor,
+        activations: list[torch.Tensor],
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+    ) -> torch.Tensor:
+        grads = self.target_gradients(activations, logits, targets)
+        maps = [self._layer_map(g, a) for g, a in zip(grads, activations, strict=True)]
+        return fuse_maps(maps, self.fusion_gamma)
+
+    @staticmethod
+    def _layer_map(grads: torch.Tensor, activation: torch.Tensor) -> torch.Tensor:
+        return (grads.float().relu() * activation.detach().float()[:, None]).sum(dim=2)
+
+
+def fuse_maps(maps: Sequence[torch.Tensor], gamma: float | None = 2.0) -> torch.Tensor:
+    """Fuse (N, K, h_l, w_l) maps of several layers as Layer-CAM does.
+
+    Each map is normalised to ``relu(M) / max(M)`` (zero where it has no positive value),
+    scaled by ``tanh(gamma * M)`` unless ``gamma`` is None, upsampled bilinearly to the
+    largest resolution among the maps, and the maps are combined by element-wise maximum.
+
+    Parameters:
+        maps: one (N, K, h, w) tensor per layer.
+        gamma: the scaling of Layer-CAM's Eq. 9 (2.0), or None for none.
+
+    Returns:
+        (N, K, H, W) float32 in [0, 1], H x W the finest resolution.
+
+    Example:
+        >>> fuse_maps([torch.ones(1, 1, 2, 2), torch.zeros(1, 1, 4, 4)], gamma=None).shape
+        torch.Size([1, 1, 4, 4])
+    """
+    size = max((m.shape[-2:] for m in maps), key=lambda s: s[0] * s[1])
+    fused = None
+    for layer_map in maps:
+        positive = layer_map.float().relu()
+        peak = positive.amax(dim=(-2, -1), keepdim=True)
+        scaled = torch.where(peak > 0, positive / peak.clamp_min(1e-30), torch.zeros_like(positive))
+        if gamma is not None:
+            scaled = torch.tanh(gamma * scaled)
+        if scaled.shape[-2:] != size:
+            n, k, h, w = scaled.shape
+            scaled = F.interpolate(
+                scaled.reshape(n * k, 1, h, w),
+                size=tuple(size),
+                mode="bilinear",
+                align_corners=False,
+            ).reshape(n, k, *size)
+        fused = scaled if fused is None else torch.maximum(fused, scaled)
+    return fused

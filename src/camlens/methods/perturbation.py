@@ -1,0 +1,216 @@
+"""Perturbation methods: Score-CAM and Ablation-CAM weigh channels by extra forward passes.
+
+Both run one forward pass per (image, channel) pair, streamed in chunks of ``batch_size``
+inputs through one reused input buffer, under ``torch.inference_mode``: peak memory is that
+of one chunk, whatever the number of channels and images. ``max_channels=M`` keeps, per
+image, the M channels with the highest mean activation (the others get weight 0), as in
+"faster Score-CAM"; it divides the number of forward passes by C / M.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from camlens.errors import ConfigError
+from camlens.hooks import get_layer
+from camlens.methods.base import CAMMethod, LayerSpec
+from camlens.outputs import select_logits
+
+
+class PerturbationMethod(CAMMethod):
+    """Shared machinery of Score-CAM and Ablation-CAM (chunking, channel selection).
+
+    Parameters:
+        module, layer, call, output, labels: as for every ``CAMMethod``.
+        batch_size: perturbed inputs per forward pass (bounds the peak memory).
+        max_channels: per image, perturb only the channels with the highest spatial mean
+            activation (None: all channels).
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        layer: LayerSpec = None,
+        *,
+        batch_size: int = 32,
+        max_channels: int | None = None,
+        **options: Any,
+    ) -> None:
+        super().__init__(module, layer, **options)
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        if max_channels is not None and max_channels < 1:
+            raise ConfigError(f"max_channels must be >= 1 or None, got {max_channels}")
+        self.batch_size = batch_size
+        self.max_channels = max_channels
+
+    def selected_pairs(self, activation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image, channel) index pairs to perturb, as two flat long tensors."""
+        n, c = activation.shape[:2]
+        if self.max_channels is None or self.max_channels >= c:
+            channels = torch.arange(c, device=activation.device).expand(n, c)
+        else:
+            means = activation.float().mean(dim=(-2, -1))
+            channels = means.topk(self.max_channels, dim=1).indices
+        images = torch.arange(n, device=activation.device)[:, None].expand_as(channels)
+        return images.reshape(-1), channels.reshape(-1)
+
+    def chunks(self, count: int) -> Iterator[slice]:
+        """Consecutive slices of at most ``batch_size`` items covering ``range(count)``."""
+        for start in range(0, count, self.batch_size):
+            yield slice(start, min(start + self.batch_size, count))
+
+    def input_buffer(self, x: torch.Tensor, pairs: int) -> torch.Tensor:
+        """One reusable (min(batch_size, pairs), C, H, W) buffer for perturbed inputs."""
+        return x.new_empty((max(1, min(self.batch_size, pairs)), *x.shape[1:]))
+
+    def scores(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The model's float32 logits for a chunk of perturbed inputs."""
+        return select_logits(self.module(inputs), self.output).float()
+
+
+class ScoreCAM(PerturbationMethod):
+    """Score-CAM: each channel, used as a mask on the input, is weighted by the class's
+    probability for that masked input.
+
+    ::
+
+        H_k       = (U(A_k) - min U(A_k)) / (max U(A_k) - min U(A_k))   U: bilinear upsampling
+        w_k^c     = softmax( f(X * H_k) )_c                             (probability of class c)
+        M_c[i, j] = sum_k w_k^c * A_k[i, j]                             (raw map: no ReLU)
+
+    As in the authors' code (github.com/haofanwang/Score-CAM): upsampling first, then min-max
+    normalisation of each channel; a constant channel is skipped (weight 0); the weight is
+    the softmax probability of the target class. The paper's "increase of confidence"
+    subtracts the score of a baseline image, ``f(X * H_k) - f(X_b)``; the authors' code does
+    not, and neither does camlens. Since bilinear upsampling is linear, the raw map at
+    feature resolution upsamples to the authors' input-size map before its final ReLU.
+    pytorch-grad-cam and torchcam instead take a softmax over *channels* of the target's
+    logits (torchcam also normalises before upsampling, pytorch-grad-cam upsamples with
+    ``align_corners=True``); those weights are the authors' up to a per-class constant
+    only for a model whose logits are log-probabilities.
+
+    Cost: one forward pass per (image, channel), or per (image, kept channel) with
+    ``max_channels``; all targets of an image share them.
+
+    Wang, Wang, Du, Yang, Zhang, Ding, Mardziel, Hu, "Score-CAM: Score-Weighted Visual
+    Explanations for Convolutional Neural Networks", CVPR Workshops 2020.
+    """
+
+    name = "scorecam"
+
+    def compute_raw(
+        self,
+        x: torch.Tensor,
+        activation: torch.Tensor,
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+    ) -> torch.Tensor:
+        with torch.inference_mode():
+            maps = activation.float()
+            images, channels = self.selected_pairs(maps)
+            varies = (maps.amax(dim=(-2, -1)) > maps.amin(dim=(-2, -1)))[images, channels]
+            images, channels = images[varies], channels[varies]
+            weights = maps.new_zeros((*targets.shape, maps.shape[1]))
+            buffer = self.input_buffer(x, len(images))
+            for part in self.chunks(len(images)):
+                image, channel = images[part], channels[part]
+                masks = self._masks(maps[image, channel], x.shape[-2:]).to(x.dtype)
+                inputs = torch.index_select(x, 0, image, out=buffer[: len(image)]).mul_(masks)
+                probs = self.scores(inputs).softmax(dim=1)
+                weights[image, :, channel] = probs.gather(1, targets[image])
+            return self.combine(weights, maps)
+
+    @staticmethod
+    def _masks(maps: torch.Tensor, size: torch.Size) -> torch.Tensor:
+        """(B, h, w) channel maps -> (B, 1, H, W) masks in [0, 1] (upsample, then min-max)."""
+        masks = F.interpolate(maps[:, None], size=tuple(size), mode="bilinear", align_corners=False)
+        low = masks.amin(dim=(-2, -1), keepdim=True)
+        span = masks.amax(dim=(-2, -1), keepdim=True) - low
+        return (masks - low) / span.clamp_min(torch.finfo(masks.dtype).tiny)
+
+
+class AblationCAM(PerturbationMethod):
+    """Ablation-CAM: a channel's weight is the relative drop of the class score when that
+    channel is zeroed.
+
+    ::
+
+        w_k^c     = (y_c - y_c^(k)) / y_c        y_c^(k): the logit with A_k set to 0
+        M_c[i, j] = sum_k w_k^c * A_k[i, j]      (raw map: no ReLU)
+
+    The channel is zeroed by a temporary forward hook on the feature layer (the model is
+    never edited; the hook is removed on exit, also after an error). Where ``y_c = 0`` the
+    division is skipped (``w = -y_c^(k)``; a per-class factor that does not change the
+    normalised map). pytorch-grad-cam instead replaces the channel by ``min(A) - 1e7`` when
+    the layer's minimum is not 0 (signed activations such as Swish); camlens zeroes, as the
+    paper does. y_c is the logit.
+
+    Desai, Ramaswamy, "Ablation-CAM: Visual Explanations for Deep Convolutional Network via
+    Gradient-free Localization", WACV 2020.
+    """
+
+    name = "ablationcam"
+
+    def compute_raw(
+        self,
+        x: torch.Tensor,
+        activation: torch.Tensor,
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+    ) -> torch.Tensor:
+        call = self.head.call if self.head.call >= 0 else self.layer_calls - 1
+        ablation = _ChannelAblation(get_layer(self.module, self.head.feature_layer), call)
+        with torch.inference_mode(), ablation:
+            base = logits.float().gather(1, targets)
+            images, channels = self.selected_pairs(activation)
+            weights = base.new_zeros((*targets.shape, activation.shape[1]))
+            buffer = self.input_buffer(x, len(images))
+            keep = activation.new_ones((len(buffer), activation.shape[1], 1, 1))
+            for part in self.chunks(len(images)):
+                image, channel = images[part], channels[part]
+                mask = keep[: len(image)].fill_(1)
+                mask[torch.arange(len(image), device=mask.device), channel] = 0
+                inputs = torch.index_select(x, 0, image, out=buffer[: len(image)])
+                ablation.arm(mask)
+                dropped = self.scores(inputs).gather(1, targets[image])
+                weights[image, :, channel] = base[image] - dropped
+            scale = torch.where(base != 0, base, torch.ones_like(base))
+            return self.combine(weights / scale[..., None], activation.float())
+
+
+class _ChannelAblation:
+    """Forward hook that multiplies one call's output of ``layer`` by a (B, C, 1, 1) mask.
+
+    ``arm(mask)`` before each forward pass sets the mask and restarts the call count.
+    """
+
+    def __init__(self, layer: nn.Module, call: int) -> None:
+        self.layer = layer
+        self.call = call
+        self.mask: torch.Tensor | None = None
+        self.calls = 0
+        self._handle: torch.utils.hooks.RemovableHandle | None = None
+
+    def arm(self, mask: torch.Tensor) -> None:
+        self.mask = mask
+        self.calls = 0
+
+    def _hook(self, module: nn.Module, inputs: object, output: torch.Tensor) -> torch.Tensor:
+        index = self.calls
+        self.calls += 1
+        return output * self.mask.to(output.dtype) if index == self.call else output
+
+    def __enter__(self) -> _ChannelAblation:
+        self._handle = self.layer.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None

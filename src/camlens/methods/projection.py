@@ -1,0 +1,83 @@
+"""Eigen-CAM: the first principal component of the feature maps (no gradients, no class)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from camlens.methods.base import CAMMethod, LayerSpec
+
+
+class EigenCAM(CAMMethod):
+    """Eigen-CAM: the activations projected on their first principal direction.
+
+    For each image, the feature maps form a matrix ``O`` of shape (h w, C), one row per
+    position. With the singular value decomposition ``O = U S V^T``::
+
+        M[i, j] = s * (O V_1)[i, j] = s * sigma_1 * U_1[i, j]          (raw map: no ReLU)
+
+    The sign of a singular vector is arbitrary (``(-U_1, -V_1)`` is as valid), so
+    ``s = +1 or -1`` is chosen so that the map correlates positively (Pearson, over positions)
+    with the activation energy ``sum_k A_k``; without that choice the map may come out
+    negated, and after the ReLU of the normalisation it shows the complement of the object
+    (pytorch-grad-cam's ``EigenCAM`` has this sign flip). The map is class-agnostic: every
+    target of an image gets the same map.
+
+    ``center=False`` (default) decomposes ``O`` itself, as the paper's formula does;
+    ``center=True`` first subtracts each channel's mean over positions (PCA proper), as
+    pytorch-grad-cam does: the map then has zero mean over positions.
+
+    Muhammad, Yeasin, "Eigen-CAM: Class Activation Map using Principal Components",
+    IJCNN 2020.
+    """
+
+    name = "eigencam"
+
+    def __init__(
+        self, module: nn.Module, layer: LayerSpec = None, *, center: bool = False, **options: Any
+    ) -> None:
+        super().__init__(module, layer, **options)
+        self.center = center
+
+    def compute_raw(
+        self,
+        x: torch.Tensor,
+        activation: torch.Tensor,
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+    ) -> torch.Tensor:
+        n, _, h, w = activation.shape
+        projection = first_component_projection(activation.float(), center=self.center)
+        return projection.view(n, 1, h, w).expand(n, targets.shape[1], h, w).contiguous()
+
+
+def first_component_projection(activation: torch.Tensor, *, center: bool = False) -> torch.Tensor:
+    """Projection of each image's (h w, C) activation matrix on its first principal direction.
+
+    Parameters:
+        activation: (N, C, h, w) feature maps.
+        center: subtract each channel's spatial mean first.
+
+    Returns:
+        (N, h w) projections, signed so that each correlates positively with ``sum_k A_k``
+        (positive when that correlation is 0).
+
+    Example:
+        >>> a = torch.rand(1, 8, 3, 3)
+        >>> first_component_projection(a).shape
+        torch.Size([1, 9])
+    """
+    matrix = activation.flatten(2).transpose(1, 2)  # (N, hw, C)
+    if center:
+        matrix = matrix - matrix.mean(dim=1, keepdim=True)
+    u, s, _ = torch.linalg.svd(matrix, full_matrices=False)
+    projection = u[..., 0] * s[..., :1]
+    energy = activation.sum(dim=1).flatten(1)
+    covariance = (
+        (projection - projection.mean(dim=1, keepdim=True))
+        * (energy - energy.mean(dim=1, keepdim=True))
+    ).sum(dim=1)
+    sign = torch.where(covariance < 0, -1.0, 1.0).to(projection.dtype)
+    return projection * sign[:, None]
