@@ -60,3 +60,19 @@ def test_explanation_save_writes_contract_files(builtin_model, sample_photos, tm
         with Image.open(tmp_path / record["maps"][0]["overlay"]) as overlay:
             assert overlay.size == sample_photos[i].size
     assert (tmp_path / "index.html").is_file()
+
+
+def test_method_options_reach_the_method_and_bad_ones_are_config_errors():
+    module = SharedActNet().eval()
+    x = torch.randn(1, 3, 16, 16)
+    fast = camlens.explain(module, x, method="scorecam", method_options={"max_channels": 2})
+    full = camlens.explain(module, x, method="scorecam")
+    assert fast.raw.shape == full.raw.shape and not torch.allclose(fast.raw, full.raw)
+    with pytest.raises(camlens.ConfigError, match="does not take the option"):
+        camlens.explain(module, x, method="cam", method_options={"max_channels": 2})
+
+
+def test_torchscript_modules_are_refused_with_the_way_out():
+    scripted = torch.jit.script(SharedActNet().eval())
+    with pytest.raises(camlens.ConfigError, match="--weights"):
+        camlens.CAM(scripted)

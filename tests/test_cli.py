@@ -91,7 +91,8 @@ def test_explain_top5_by_class_name_and_gradcam(tmp_path):
         (["--target", "kitty cat"], "no class is called"),
         (["--layer", "_fcc"], "Closest names: _fc"),
         (["--colormap", "nope"], "unknown colormap"),
-        (["--method", "nope"], "Invalid value for '--method'"),
+        (["--method", "nope"], "unknown method 'nope'"),
+        (["--method", "cam", "--max-channels", "8"], "does not take the option(s) max_channels"),
         (["--batch-size", "0"], "Invalid value for '--batch-size'"),
     ],
 )

@@ -12,7 +12,21 @@ from importlib.metadata import PackageNotFoundError, version
 from camlens.api import explain, make_method
 from camlens.errors import CamlensError, ConfigError
 from camlens.explanation import Explanation, normalize_maps
-from camlens.methods import CAM, METHODS, CAMMethod, GradCAM, get_method
+from camlens.methods import (
+    CAM,
+    METHODS,
+    AblationCAM,
+    CAMMethod,
+    EigenCAM,
+    GradCAM,
+    GradCAMPlusPlus,
+    HiResCAM,
+    LayerCAM,
+    RandomCAM,
+    ScoreCAM,
+    XGradCAM,
+    get_method,
+)
 from camlens.models import Classifier, available_models, load_model
 
 try:
@@ -23,12 +37,20 @@ except PackageNotFoundError:  # running from a source tree without installation
 __all__ = [
     "CAM",
     "METHODS",
+    "AblationCAM",
     "CAMMethod",
     "CamlensError",
     "Classifier",
     "ConfigError",
+    "EigenCAM",
     "Explanation",
     "GradCAM",
+    "GradCAMPlusPlus",
+    "HiResCAM",
+    "LayerCAM",
+    "RandomCAM",
+    "ScoreCAM",
+    "XGradCAM",
     "__version__",
     "available_models",
     "explain",

@@ -63,6 +63,7 @@ class ExplainJob:
     method: str = "cam"
     target: Target = "top1"
     layer: str | None = None
+    method_options: dict[str, Any] = field(default_factory=dict)
     batch_size: int = 16
     style: Style = field(default_factory=Style)
     figures: bool = False
@@ -99,6 +100,7 @@ def run_explain(
     method: str = "cam",
     target: Target = "top1",
     layer: str | None = None,
+    method_options: dict[str, Any] | None = None,
     batch_size: int = 16,
     style: Style | None = None,
     figures: bool = False,
@@ -117,7 +119,7 @@ def run_explain(
         inputs: image files and folders (folders are searched recursively, sorted).
         out_dir: output folder (created). A non-empty folder is refused unless ``resume``
             (continue an interrupted run) or ``overwrite`` (remove camlens' previous outputs).
-        method, target, layer: as in ``camlens.explain``.
+        method, target, layer, method_options: as in ``camlens.explain``.
         batch_size: images per forward pass.
         style: colormap, opacity and box threshold of the overlays.
         figures: also write one figure per input with all its maps side by side.
@@ -140,6 +142,7 @@ def run_explain(
         method=method,
         target=target,
         layer=layer,
+        method_options=dict(method_options or {}),
         batch_size=batch_size,
         style=style or Style(),
         figures=figures,
@@ -281,7 +284,7 @@ class BatchExplainer:
         self.out_dir = Path(out_dir)
         model = job.model
         self.classifier = load_model(model, device=job.device) if isinstance(model, str) else model
-        self.method = make_method(self.classifier, job.method, job.layer)
+        self.method = make_method(self.classifier, job.method, job.layer, **job.method_options)
 
     def explain_sources(self, items: Sequence[tuple[int, str]]) -> list[dict[str, Any]]:
         """Decode and explain ``(index, path)`` items; one record per item, in order."""

@@ -124,3 +124,38 @@ def finish(summary: RunSummary) -> None:
         click.echo("Error: no images found in the given inputs", err=True)
         sys.exit(EXIT_USAGE)
     sys.exit(EXIT_SOME_FAILED if summary.n_error else EXIT_OK)
+
+
+METHOD_HELP = (
+    "cam: exact, for GAP + linear heads. Gradients (any CNN): gradcam, gradcam++, hirescam, "
+    "xgradcam, layercam. Perturbations: scorecam, ablationcam (slow: one forward per channel; "
+    "see --max-channels). eigencam: class-agnostic. random: a baseline."
+)
+
+
+def method_options(function):
+    """``--method``, ``--max-channels`` and ``--smooth``, shared by the commands that explain."""
+    function = click.option(
+        "--smooth",
+        default=0,
+        show_default=True,
+        type=click.IntRange(min=0),
+        help="Gradient methods: average over this many noisy copies (SmoothGrad); 0 = off.",
+    )(function)
+    function = click.option(
+        "--max-channels",
+        default=None,
+        type=click.IntRange(min=1),
+        help="scorecam/ablationcam: use only the N most active channels (faster).",
+    )(function)
+    return click.option("--method", default="cam", show_default=True, help=METHOD_HELP)(function)
+
+
+def method_kwargs(max_channels: int | None, smooth: int) -> dict:
+    """The method options given on the command line (only those that were set)."""
+    options: dict = {}
+    if max_channels is not None:
+        options["max_channels"] = max_channels
+    if smooth:
+        options["smooth"] = smooth
+    return options

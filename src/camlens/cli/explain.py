@@ -10,12 +10,13 @@ from camlens.cli.common import (
     finish,
     load_classifier,
     make_style,
+    method_kwargs,
+    method_options,
     model_options,
     run_or_exit,
     style_options,
 )
 from camlens.io.samples import SAMPLES, write_samples
-from camlens.methods import METHODS
 from camlens.models import DEFAULT_MODEL
 from camlens.runner import run_explain
 
@@ -30,13 +31,7 @@ from camlens.runner import run_explain
     help="Output folder (created).",
 )
 @model_options
-@click.option(
-    "--method",
-    default="cam",
-    show_default=True,
-    type=click.Choice(sorted(METHODS), case_sensitive=False),
-    help="cam: exact, for GAP + linear heads. gradcam: any CNN.",
-)
+@method_options
 @click.option(
     "--target",
     default="top1",
@@ -93,6 +88,8 @@ def explain(
     labels: Path | None,
     trust_model: bool,
     method: str,
+    max_channels: int | None,
+    smooth: int,
     target: str,
     layer: str | None,
     batch_size: int,
@@ -120,6 +117,7 @@ def explain(
             list(inputs),
             out_dir,
             method=method,
+            method_options=method_kwargs(max_channels, smooth),
             target=_parse_target(target),
             layer=layer,
             batch_size=batch_size,
@@ -143,15 +141,18 @@ def explain(
     type=click.Path(path_type=Path),
     help="Output folder (created).",
 )
-@click.option(
-    "--method",
-    default="cam",
-    show_default=True,
-    type=click.Choice(sorted(METHODS), case_sensitive=False),
-)
+@method_options
 @click.option("--device", default="cpu", show_default=True, help="Torch device.")
 @style_options
-def demo(out_dir: Path, method: str, device: str, colormap: str, alpha: float) -> None:
+def demo(
+    out_dir: Path,
+    method: str,
+    max_channels: int | None,
+    smooth: int,
+    device: str,
+    colormap: str,
+    alpha: float,
+) -> None:
     """The built-in EfficientNet-Lite0 on bundled photos: top-5 class maps per image.
 
     Writes one figure per photo with its five most likely classes side by side (like
@@ -165,6 +166,7 @@ def demo(out_dir: Path, method: str, device: str, colormap: str, alpha: float) -
             samples,
             out_dir,
             method=method,
+            method_options=method_kwargs(max_channels, smooth),
             target="top5",
             style=make_style(colormap, alpha, 0.2),
             figures=True,

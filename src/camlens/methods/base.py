@@ -109,6 +109,10 @@ class CAMMethod:
     ) -> None:
         if not isinstance(module, nn.Module):
             raise ConfigError(f"{type(self).__name__} needs an nn.Module, got {type(module)}")
+        if isinstance(module, torch.jit.ScriptModule):
+            from camlens.models.checkpoints import TORCHSCRIPT_NOT_HOOKABLE
+
+            raise ConfigError(TORCHSCRIPT_NOT_HOOKABLE.format(name="this model", path="FILE"))
         for name in self._layer_names(layer):
             get_layer(module, name)
         if smooth < 0 or smooth_sigma < 0:
