@@ -20,9 +20,14 @@ def main() -> None:
 
 
 def _register() -> None:
-    from camlens.cli import explain, serve
+    from camlens.cli import evaluate, explain, serve
 
-    for command in (explain.explain, explain.demo, serve.serve):
+    for command in (
+        explain.explain,
+        explain.demo,
+        serve.serve,
+        evaluate.evaluate,
+    ):
         main.add_command(command)
 
 
