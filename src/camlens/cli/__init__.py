@@ -20,13 +20,16 @@ def main() -> None:
 
 
 def _register() -> None:
-    from camlens.cli import evaluate, explain, serve
+    from camlens.cli import audit, evaluate, explain, serve, train
 
     for command in (
         explain.explain,
         explain.demo,
         serve.serve,
         evaluate.evaluate,
+        audit.audit,
+        train.train,
+        train.make_dataset,
     ):
         main.add_command(command)
 

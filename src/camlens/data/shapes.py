@@ -1,0 +1,485 @@
+"""Synthetic shapes with ground truth, and an optional planted shortcut.
+
+Each image shows one coloured shape (circle, square, triangle, star, cross) at a random
+position, scale and rotation on a textured, noisy background. Colours are drawn at random for
+every image, independently of the class, so that only the *shape* identifies the class. Every
+image comes with its object mask and bounding box.
+
+A *shortcut* reproduces the "horse source tag" of Lapuschkin et al. 2019 (and the lead "L"
+token of Zech et al. 2018): a small distinctive mark on ``shortcut_rate`` of the images of one
+class (and on ``shortcut_other_rate`` of the others, 0 by default). A classifier trained on
+such data can score well by looking at the mark instead of the object; its class activation
+maps show it.
+
+Kinds of shortcut:
+
+* ``corner-tag``: a white square with a dark checker pattern in a fixed corner.
+* ``stripe``: a yellow and black dashed band along the top or bottom edge.
+* ``token``: a white "L" on a dark square at a random place that does not cover the object.
+
+Output layout (``make_shapes_dataset``)::
+
+    OUT/images/<class>/<class>_0000.png     the images
+    OUT/masks/<class>/<class>_0000.png      object masks (0 or 255)
+    OUT/annotations.csv                     image,x0,y0,x1,y1,label  (one row per object)
+    OUT/dataset.json                        all parameters and one record per image
+
+Boxes are ``[x0, y0, x1, y1]`` in pixel-edge coordinates (``x1``, ``y1`` exclusive), as in
+``camlens.localize``; image paths in the CSV and JSON are relative to ``OUT``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from camlens.errors import ConfigError
+from camlens.writers import write_json, write_png, write_text
+
+SHAPES = ("circle", "square", "triangle", "star", "cross")
+DEFAULT_CLASSES = ("circle", "square", "triangle")
+SHORTCUTS = ("corner-tag", "stripe", "token")
+POSITIONS = ("top-left", "top-right", "bottom-left", "bottom-right", "random-corner")
+CORNERS = POSITIONS[:4]
+
+Box = tuple[int, int, int, int]
+
+_SUPERSAMPLE = 4
+_RADIUS_RANGE = (0.15, 0.28)  # shape radius as a fraction of the image side
+
+
+@dataclass(frozen=True)
+class ShapesConfig:
+    """Parameters of a shapes data set (all of them end up in ``dataset.json``).
+
+    Attributes:
+        n: number of images, spread evenly over the classes.
+        size: image side in pixels.
+        classes: shape names, from ``SHAPES``.
+        seed: the same seed gives byte-identical files.
+        shortcut: ``None`` or one of ``SHORTCUTS``.
+        shortcut_class: the class that carries the shortcut (default: the first class).
+        shortcut_rate: fraction of that class's images that carry it.
+        shortcut_other_rate: fraction of every other class's images that carry it.
+        shortcut_position: a corner, or ``"random-corner"``; the stripe uses its top/bottom
+            part, the token ignores it.
+        noise: standard deviation of the pixel noise, in [0, 1] intensity units.
+    """
+
+    n: int = 600
+    size: int = 64
+    classes: tuple[str, ...] = DEFAULT_CLASSES
+    seed: int = 0
+    shortcut: str | None = None
+    shortcut_class: str | None = None
+    shortcut_rate: float = 0.9
+    shortcut_other_rate: float = 0.0
+    shortcut_position: str = "bottom-left"
+    noise: float = 0.04
+
+    def validated(self) -> ShapesConfig:
+        """This configuration with defaults filled in; raises ConfigError when it is invalid."""
+        classes = tuple(c.strip().lower() for c in self.classes if c.strip())
+        unknown = [c for c in classes if c not in SHAPES]
+        if unknown:
+            raise ConfigError(
+                f"unknown shape class(es) {', '.join(unknown)}; choose from {', '.join(SHAPES)}"
+            )
+        if len(set(classes)) != len(classes) or len(classes) < 2:
+            raise ConfigError(
+                f"need at least two different classes, got {list(classes)}; "
+                f"choose from {', '.join(SHAPES)}"
+            )
+        if self.n < len(classes):
+            raise ConfigError(f"n={self.n} is fewer than one image per class ({len(classes)})")
+        if self.size < 16:
+            raise ConfigError(f"size={self.size} is too small; use at least 16 pixels")
+        if self.shortcut is not None and self.shortcut not in SHORTCUTS:
+            raise ConfigError(
+                f"unknown shortcut {self.shortcut!r}; choose from {', '.join(SHORTCUTS)}"
+            )
+        if self.shortcut_position not in POSITIONS:
+            raise ConfigError(
+                f"unknown shortcut position {self.shortcut_position!r}; "
+                f"choose from {', '.join(POSITIONS)}"
+            )
+        for name in ("shortcut_rate", "shortcut_other_rate", "noise"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"{name}={getattr(self, name)} must lie in [0, 1]")
+        shortcut_class = self.shortcut_class
+        if self.shortcut is not None:
+            shortcut_class = (shortcut_class or classes[0]).strip().lower()
+            if shortcut_class not in classes:
+                raise ConfigError(
+                    f"shortcut class {shortcut_class!r} is not one of the classes "
+                    f"{', '.join(classes)}"
+                )
+        return ShapesConfig(
+            **{**asdict(self), "classes": classes, "shortcut_class": shortcut_class}
+        )
+
+
+@dataclass(frozen=True)
+class ShapeSample:
+    """One generated image and its ground truth.
+
+    Attributes:
+        image: (size, size, 3) uint8.
+        mask: (size, size) bool, the object's pixels.
+        label: the class name.
+        box: the object's bounding box (x0, y0, x1, y1), exclusive ends.
+        shortcut_box: where the shortcut was drawn, or None.
+    """
+
+    image: np.ndarray
+    mask: np.ndarray
+    label: str
+    box: Box
+    shortcut_box: Box | None
+
+
+def make_shapes_dataset(out: str | Path, config: ShapesConfig | None = None) -> dict:
+    """Generate a shapes data set into ``out`` (see the module docstring for the layout).
+
+    Parameters:
+        out: output folder; created. Existing files of the same names are replaced.
+        config: the parameters (default ``ShapesConfig()``: 600 images of 64 px, 3 classes,
+            no shortcut).
+
+    Returns:
+        The content of ``dataset.json``: the parameters, the shortcut summary and one record
+        per image (``image``, ``mask``, ``label``, ``box``, ``shortcut``, ``shortcut_box``).
+
+    Raises:
+        ConfigError: invalid parameters.
+
+    Example:
+        >>> info = make_shapes_dataset("shapes", ShapesConfig(n=300, shortcut="corner-tag",
+        ...                            shortcut_class="square", shortcut_rate=0.9))
+        >>> info["shortcut"]["n_images"]
+        90
+    """
+    config = (config or ShapesConfig()).validated()
+    out = Path(out)
+    plan = _plan(config)
+    records = []
+    csv_rows = [["image", "x0", "y0", "x1", "y1", "label"]]
+    for index, (label, number, carries) in enumerate(plan):
+        sample = render_shape_image(config, index, label, carries)
+        image_path = f"images/{label}/{label}_{number:04d}.png"
+        mask_path = f"masks/{label}/{label}_{number:04d}.png"
+        write_png(out / image_path, Image.fromarray(sample.image))
+        write_png(out / mask_path, Image.fromarray(sample.mask.astype(np.uint8) * 255))
+        csv_rows.append([image_path, *sample.box, label])
+        records.append(
+            {
+                "image": image_path,
+                "mask": mask_path,
+                "label": label,
+                "box": list(sample.box),
+                "shortcut": carries,
+                "shortcut_box": list(sample.shortcut_box) if sample.shortcut_box else None,
+            }
+        )
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows(csv_rows)
+    write_text(out / "annotations.csv", buffer.getvalue())
+    info = {
+        "generator": "camlens make-dataset shapes",
+        "parameters": {**asdict(config), "classes": list(config.classes)},
+        "classes": list(config.classes),
+        "shortcut": _shortcut_summary(config, records),
+        "images": records,
+    }
+    write_json(out / "dataset.json", info)
+    return info
+
+
+def render_shape_image(config: ShapesConfig, index: int, label: str, shortcut: bool) -> ShapeSample:
+    """Draw image ``index`` of a data set: background, one ``label`` shape, maybe the shortcut.
+
+    Deterministic: the random stream is seeded by ``(config.seed, index)``.
+    """
+    rng = np.random.default_rng([config.seed, index])
+    size = config.size
+    background = _background(rng, size)
+    keepout = _keepout_boxes(config)
+    alpha = _shape_alpha(rng, label, size, keepout)
+    colour = _contrasting_colour(rng, background, alpha)
+    shading = 1.0 + 0.15 * _smooth_noise(rng, size, cells=3)[..., None]
+    image = background * (1.0 - alpha[..., None]) + (colour * shading) * alpha[..., None]
+    image = image + rng.normal(0.0, config.noise, image.shape)
+    pixels = np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
+    mask = alpha >= 0.5
+    box = _mask_box(mask)
+    shortcut_box = None
+    if shortcut and config.shortcut is not None:
+        shortcut_box = _draw_shortcut(pixels, config, rng, box)
+    return ShapeSample(pixels, mask, label, box, shortcut_box)
+
+
+def shortcut_patch(kind: str, side: int) -> np.ndarray:
+    """The shortcut's pixels, (h, w, 3) uint8: the tag (``side`` x ``side``), or the token.
+
+    Used to paste the mark onto other images (e.g. to test whether it flips a prediction).
+    The stripe is not a patch; it spans the image width (see ``stripe_patch``).
+    """
+    if kind == "corner-tag":
+        cell = max(1, side // 4)
+        grid = (np.arange(side)[:, None] // cell + np.arange(side)[None, :] // cell) % 2 == 0
+        patch = np.where(grid[..., None], 30, 250).astype(np.uint8).repeat(3, axis=2)
+        patch[0, :], patch[-1, :], patch[:, 0], patch[:, -1] = 30, 30, 30, 30
+        return patch
+    if kind == "token":
+        patch = np.full((side, side, 3), 25, dtype=np.uint8)
+        stroke = max(1, side // 4)
+        inner = slice(max(1, side // 6), side - max(1, side // 6))
+        patch[inner, max(1, side // 6) : max(1, side // 6) + stroke] = 245
+        patch[side - max(1, side // 6) - stroke : side - max(1, side // 6), inner] = 245
+        return patch
+    raise ConfigError(f"{kind!r} has no patch; patches exist for corner-tag and token")
+
+
+def stripe_patch(width: int, height: int) -> np.ndarray:
+    """The stripe shortcut: a yellow and black dashed band, (height, width, 3) uint8."""
+    dash = max(2, height)
+    on = (np.arange(width) // dash) % 2 == 0
+    row = np.where(on[:, None], [250, 210, 20], [20, 20, 20]).astype(np.uint8)
+    return np.broadcast_to(row[None], (height, width, 3)).copy()
+
+
+def tag_side(size: int) -> int:
+    """Side of the corner tag and of the token, in pixels, for ``size`` x ``size`` images."""
+    return max(6, round(size * 0.14))
+
+
+def corner_box(size: int, corner: str) -> Box:
+    """Where the corner tag goes in a ``size`` x ``size`` image, for one of ``CORNERS``."""
+    side, margin = tag_side(size), max(1, round(size * 0.03))
+    x0 = margin if corner.endswith("left") else size - margin - side
+    y0 = margin if corner.startswith("top") else size - margin - side
+    return (x0, y0, x0 + side, y0 + side)
+
+
+def stripe_box(size: int, edge: str) -> Box:
+    """Where the stripe goes: along the ``"top"`` or ``"bottom"`` edge."""
+    height = max(2, round(size * 0.06))
+    y0 = 0 if edge == "top" else size - height
+    return (0, y0, size, y0 + height)
+
+
+def _plan(config: ShapesConfig) -> list[tuple[str, int, bool]]:
+    """(label, number within class, carries shortcut) per image, classes interleaved."""
+    k = len(config.classes)
+    counts = [config.n // k + (1 if c < config.n % k else 0) for c in range(k)]
+    rng = np.random.default_rng([config.seed, 2**31 - 1])
+    carries: dict[str, np.ndarray] = {}
+    for label, count in zip(config.classes, counts, strict=True):
+        rate = (
+            config.shortcut_rate if label == config.shortcut_class else config.shortcut_other_rate
+        )
+        chosen = np.zeros(count, dtype=bool)
+        if config.shortcut is not None:
+            chosen[rng.permutation(count)[: round(rate * count)]] = True
+        carries[label] = chosen
+    plan = []
+    for number in range(max(counts)):
+        for label, count in zip(config.classes, counts, strict=True):
+            if number < count:
+                plan.append((label, number, bool(carries[label][number])))
+    return plan
+
+
+def _shortcut_summary(config: ShapesConfig, records: list[dict]) -> dict | None:
+    if config.shortcut is None:
+        return None
+    carrying = [r["image"] for r in records if r["shortcut"]]
+    per_class = {
+        c: sum(1 for r in records if r["shortcut"] and r["label"] == c) for c in config.classes
+    }
+    return {
+        "kind": config.shortcut,
+        "class": config.shortcut_class,
+        "rate": config.shortcut_rate,
+        "other_rate": config.shortcut_other_rate,
+        "position": config.shortcut_position if config.shortcut != "token" else "random",
+        "n_images": len(carrying),
+        "per_class": per_class,
+        "images": carrying,
+    }
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A two-colour gradient with smooth blotches and faint stripes, (size, size, 3) in [0, 1]."""
+    low, high = rng.uniform(0.15, 0.85, 3), rng.uniform(0.15, 0.85, 3)
+    angle = rng.uniform(0, 2 * math.pi)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    ramp = np.cos(angle) * xx + np.sin(angle) * yy
+    ramp = (ramp - ramp.min()) / max(float(np.ptp(ramp)), 1e-9)
+    image = low + (high - low) * ramp[..., None]
+    image += 0.12 * _smooth_noise(rng, size, cells=int(rng.integers(3, 7)))[..., None]
+    frequency, phase = rng.uniform(3, 9), rng.uniform(0, 2 * math.pi)
+    direction = rng.uniform(0, 2 * math.pi)
+    waves = np.sin(
+        2 * math.pi * frequency * (np.cos(direction) * xx + np.sin(direction) * yy) + phase
+    )
+    image += 0.05 * waves[..., None] * rng.uniform(-1, 1, 3)
+    return np.clip(image, 0.0, 1.0)
+
+
+def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
+    """Low-frequency noise in about [-1, 1]: a ``cells`` x ``cells`` grid, upsampled."""
+    grid = rng.uniform(-1.0, 1.0, (cells, cells)).astype(np.float32)
+    smooth = Image.fromarray(grid, mode="F").resize((size, size), Image.BICUBIC)
+    return np.asarray(smooth, dtype=np.float64)
+
+
+def _keepout_boxes(config: ShapesConfig) -> list[Box]:
+    """Regions the object never covers (in *every* image, so placement does not leak the class)."""
+    if config.shortcut == "corner-tag":
+        corners = (
+            CORNERS if config.shortcut_position == "random-corner" else [config.shortcut_position]
+        )
+        return [corner_box(config.size, c) for c in corners]
+    if config.shortcut == "stripe":
+        edges = (
+            ("top", "bottom")
+            if config.shortcut_position == "random-corner"
+            else [config.shortcut_position.split("-")[0]]
+        )
+        return [stripe_box(config.size, e) for e in edges]
+    return []
+
+
+def _shape_alpha(
+    rng: np.random.Generator, label: str, size: int, keepout: Sequence[Box]
+) -> np.ndarray:
+    """Anti-aliased coverage (size, size) in [0, 1] of one shape, placed outside ``keepout``."""
+    radius = rng.uniform(*_RADIUS_RANGE) * size
+    rotation = rng.uniform(0, 2 * math.pi)
+    margin = 1.0
+    for _ in range(100):
+        cx, cy = rng.uniform(radius + margin, size - radius - margin, 2)
+        if not any(_circle_meets_box(cx, cy, radius, box) for box in keepout):
+            break
+    scale = _SUPERSAMPLE
+    canvas = Image.new("L", (size * scale, size * scale), 0)
+    draw = ImageDraw.Draw(canvas)
+    if label == "circle":
+        draw.ellipse(
+            [
+                (cx - radius) * scale,
+                (cy - radius) * scale,
+                (cx + radius) * scale,
+                (cy + radius) * scale,
+            ],
+            fill=255,
+        )
+    else:
+        points = [
+            ((cx + x) * scale, (cy + y) * scale) for x, y in _polygon(label, radius, rotation)
+        ]
+        draw.polygon(points, fill=255)
+    alpha = canvas.resize((size, size), Image.BOX)
+    return np.asarray(alpha, dtype=np.float64) / 255.0
+
+
+def _polygon(label: str, radius: float, rotation: float) -> list[tuple[float, float]]:
+    """Vertices (relative to the centre) of a shape whose farthest point is ``radius`` away."""
+    if label == "square":
+        polar = [(radius, rotation + math.pi / 4 + k * math.pi / 2) for k in range(4)]
+    elif label == "triangle":
+        polar = [(radius, rotation + k * 2 * math.pi / 3) for k in range(3)]
+    elif label == "star":
+        polar = [
+            (radius if k % 2 == 0 else 0.45 * radius, rotation + k * math.pi / 5) for k in range(10)
+        ]
+    elif label == "cross":
+        arm = 0.32  # half-width of an arm, relative to the arm length
+        corners = [
+            (1, arm),
+            (arm, arm),
+            (arm, 1),
+            (-arm, 1),
+            (-arm, arm),
+            (-1, arm),
+            (-1, -arm),
+            (-arm, -arm),
+            (-arm, -1),
+            (arm, -1),
+            (arm, -arm),
+            (1, -arm),
+        ]
+        scale = radius / math.hypot(1, arm)
+        polar = [(math.hypot(x, y) * scale, math.atan2(y, x) + rotation) for x, y in corners]
+    else:  # pragma: no cover - validated before
+        raise ConfigError(f"unknown shape {label!r}")
+    return [(r * math.cos(a), r * math.sin(a)) for r, a in polar]
+
+
+def _contrasting_colour(
+    rng: np.random.Generator, background: np.ndarray, alpha: np.ndarray
+) -> np.ndarray:
+    """A random colour, redrawn until it stands out from the background under the shape."""
+    under = (background * alpha[..., None]).sum(axis=(0, 1)) / max(float(alpha.sum()), 1e-9)
+    colour = rng.uniform(0.0, 1.0, 3)
+    for _ in range(50):
+        if np.abs(colour - under).max() >= 0.35:
+            break
+        colour = rng.uniform(0.0, 1.0, 3)
+    return colour
+
+
+def _circle_meets_box(cx: float, cy: float, radius: float, box: Box) -> bool:
+    x0, y0, x1, y1 = box
+    nearest_x, nearest_y = min(max(cx, x0), x1), min(max(cy, y0), y1)
+    return math.hypot(cx - nearest_x, cy - nearest_y) < radius + 1.0
+
+
+def _mask_box(mask: np.ndarray) -> Box:
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    return (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
+
+
+def _draw_shortcut(
+    pixels: np.ndarray, config: ShapesConfig, rng: np.random.Generator, box: Box
+) -> Box:
+    """Draw the configured shortcut into ``pixels`` (in place); return where it went."""
+    size, position = config.size, config.shortcut_position
+    if config.shortcut == "stripe":
+        edge = (
+            position.split("-")[0] if position != "random-corner" else rng.choice(["top", "bottom"])
+        )
+        where = stripe_box(size, str(edge))
+        x0, y0, x1, y1 = where
+        pixels[y0:y1, x0:x1] = stripe_patch(x1 - x0, y1 - y0)
+        return where
+    side = tag_side(size)
+    if config.shortcut == "corner-tag":
+        corner = position if position != "random-corner" else str(rng.choice(CORNERS))
+        where = corner_box(size, corner)
+    else:  # token: anywhere the object is not
+        where = _free_spot(rng, size, side, box)
+    x0, y0, x1, y1 = where
+    pixels[y0:y1, x0:x1] = shortcut_patch(str(config.shortcut), side)
+    return where
+
+
+def _free_spot(rng: np.random.Generator, size: int, side: int, avoid: Box) -> Box:
+    for _ in range(200):
+        x0, y0 = (int(v) for v in rng.integers(0, size - side + 1, 2))
+        candidate = (x0, y0, x0 + side, y0 + side)
+        if not _boxes_overlap(candidate, avoid):
+            return candidate
+    return candidate  # the object fills the image: the token overlaps it
+
+
+def _boxes_overlap(a: Box, b: Box) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
