@@ -15,7 +15,7 @@ from click.testing import CliRunner
 import camlens
 from camlens import ConfigError
 from camlens.cli import main
-from camlens.evaluate import evaluate, resolve_metrics
+from camlens.evaluation import evaluate, resolve_metrics
 from camlens.io.samples import write_samples
 from whitebox import colour_classifier, red_logit, square_image
 

@@ -11,6 +11,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from camlens.api import explain, make_method
 from camlens.errors import CamlensError, ConfigError
+from camlens.evaluation import evaluate
 from camlens.explanation import Explanation, normalize_maps
 from camlens.methods import (
     CAM,
@@ -53,6 +54,7 @@ __all__ = [
     "XGradCAM",
     "__version__",
     "available_models",
+    "evaluate",
     "explain",
     "get_method",
     "load_model",

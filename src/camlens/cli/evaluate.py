@@ -139,8 +139,8 @@ def evaluate(
     Exit status: 0 evaluated (unreadable images are listed in metrics.json), 2 usage or
     configuration error, or no image could be evaluated.
     """
-    from camlens.evaluate import evaluate as run_evaluation
-    from camlens.evaluate import make_methods
+    from camlens.evaluation import evaluate as run_evaluation
+    from camlens.evaluation import make_methods
     from camlens.io.annotations import load_annotations
     from camlens.report.evaluate import write_evaluation_report
     from camlens.writers import write_json

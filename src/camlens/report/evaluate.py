@@ -25,7 +25,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw
 
-from camlens.evaluate import HIGHER_IS_BETTER, METRICS
+from camlens.evaluation import HIGHER_IS_BETTER, METRICS
 from camlens.localize import box_from_map
 from camlens.methods import CAMMethod
 from camlens.models import Classifier
@@ -229,7 +229,7 @@ def _road_figure(road: Mapping[str, Mapping[str, Any]], title: str) -> Figure:
 
 
 def _sanity_figure(sanity: Mapping[str, Sequence[Mapping[str, Any]]]) -> Figure:
-    figure = Figure(figsize=(_FIGSIZE[0] * 1.4, _FIGSIZE[1]), layout="constrained")
+    figure = Figure(figsize=_FIGSIZE, layout="constrained")
     ax = figure.add_subplot()
     for index, (name, stages) in enumerate(sanity.items()):
         steps = np.arange(len(stages))
@@ -238,12 +238,13 @@ def _sanity_figure(sanity: Mapping[str, Sequence[Mapping[str, Any]]]) -> Figure:
         ax.plot(steps, rho, marker="o", color=f"C{index}", label=f"{name} Spearman")
         ax.plot(steps, ssim, marker="s", ls="--", color=f"C{index}", label=f"{name} SSIM")
     stages = next(iter(sanity.values()))
-    ax.set_xticks(np.arange(len(stages)), [s["stage"] for s in stages], rotation=60, fontsize=7)
+    ax.set_xticks(np.arange(len(stages)), [s["stage"] for s in stages], rotation=90, fontsize=6)
     ax.set_xlabel("randomised down to (cumulative, from the logits)")
     ax.set_ylabel("similarity")
     ax.axhline(0, color="gray", lw=0.8)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_ylim(-1.05, 1.05)
+    ax.legend(fontsize=6, loc="lower left", ncols=2)
     return figure
 
 
@@ -315,7 +316,8 @@ def _caption(record: Mapping[str, Any]) -> str:
 
 
 def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_-]+", "_", name) or "method"
+    """A folder name for a method: ``gradcam++`` -> ``gradcampp``."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", name.replace("+", "p")) or "method"
 
 
 # --- page ------------------------------------------------------------------------------------

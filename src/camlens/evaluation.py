@@ -652,7 +652,11 @@ def _method_summary(
         best_index = int(np.argmax(v1.curves[0.5]))
         values["maxboxacc"] = v1.value
         values["maxboxacc_threshold"] = v1.best_thresholds[0.5]
-        curves["boxacc"] = {"thresholds": _floats(thresholds), "0.5": _floats(v1.curves[0.5])}
+        if settings.wants("maxboxacc"):
+            curves["boxacc"] = {
+                "thresholds": _floats(thresholds),
+                "0.5": _floats(v1.curves[0.5]),
+            }
         if settings.wants("maxboxacc_v2"):
             v2 = loc.MaxBoxAcc.from_ious(
                 np.stack([s.ious_all for s in instances]), thresholds, loc.V2_IOU_THRESHOLDS
