@@ -53,6 +53,20 @@ class EigenCAM(CAMMethod):
         return projection.view(n, 1, h, w).expand(n, targets.shape[1], h, w).contiguous()
 
 
+def _first_left_singular_times_value(matrix: torch.Tensor) -> torch.Tensor:
+    """``u_1 * sigma_1`` of each (m, n) matrix, from the eigendecomposition of the smaller
+    Gram matrix in float64 (much faster than a full SVD on CPU; the sign is set by the caller).
+    """
+    m64 = matrix.double()
+    if m64.shape[-2] <= m64.shape[-1]:  # (hw x hw) Gram: u_1 sigma_1 = v sqrt(lambda)
+        values, vectors = torch.linalg.eigh(m64 @ m64.mT)
+        result = vectors[..., -1] * values[..., -1:].clamp_min(0).sqrt()
+    else:  # (C x C) Gram: u_1 sigma_1 = M v_1
+        _, vectors = torch.linalg.eigh(m64.mT @ m64)
+        result = (m64 @ vectors[..., -1:])[..., 0]
+    return result.to(matrix.dtype)
+
+
 def first_component_projection(activation: torch.Tensor, *, center: bool = False) -> torch.Tensor:
     """Projection of each image's (h w, C) activation matrix on its first principal direction.
 
@@ -72,8 +86,7 @@ def first_component_projection(activation: torch.Tensor, *, center: bool = False
     matrix = activation.flatten(2).transpose(1, 2)  # (N, hw, C)
     if center:
         matrix = matrix - matrix.mean(dim=1, keepdim=True)
-    u, s, _ = torch.linalg.svd(matrix, full_matrices=False)
-    projection = u[..., 0] * s[..., :1]
+    projection = _first_left_singular_times_value(matrix)
     energy = activation.sum(dim=1).flatten(1)
     covariance = (
         (projection - projection.mean(dim=1, keepdim=True))
