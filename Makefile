@@ -38,8 +38,15 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix src tests benchmarks
 	$(BIN)/ruff format src tests benchmarks
 
+# Each script writes a section; RESULTS.md is their concatenation (see benchmarks/*.py --help).
+BENCH_PARTS := methods methods_family runner audit
 bench: $(STAMP)
-	$(BIN)/python benchmarks/run.py --out benchmarks/RESULTS.md
+	mkdir -p benchmarks/results
+	$(BIN)/python benchmarks/run.py --out benchmarks/results/methods.md
+	$(BIN)/python benchmarks/methods_bench.py --out benchmarks/results/methods_family.md
+	$(BIN)/python benchmarks/runner_bench.py --out benchmarks/results/runner.md
+	$(BIN)/python benchmarks/audit_bench.py --out benchmarks/results/audit.md
+	cat $(BENCH_PARTS:%=benchmarks/results/%.md) > benchmarks/RESULTS.md
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache
