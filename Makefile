@@ -26,26 +26,27 @@ browser:
 		echo "chromium could not be installed: the browser test will be skipped"
 
 test: $(STAMP) browser
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/ruff format --check src tests benchmarks examples
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/ruff format --check src tests benchmarks examples
 
 format: $(STAMP)
-	$(BIN)/ruff check --fix src tests benchmarks
-	$(BIN)/ruff format src tests benchmarks
+	$(BIN)/ruff check --fix src tests benchmarks examples
+	$(BIN)/ruff format src tests benchmarks examples
 
 # Each script writes a section; RESULTS.md is their concatenation (see benchmarks/*.py --help).
-BENCH_PARTS := methods methods_family runner audit
+BENCH_PARTS := methods methods_family runner audit train
 bench: $(STAMP)
 	mkdir -p benchmarks/results
 	$(BIN)/python benchmarks/run.py --out benchmarks/results/methods.md
 	$(BIN)/python benchmarks/methods_bench.py --out benchmarks/results/methods_family.md
 	$(BIN)/python benchmarks/runner_bench.py --out benchmarks/results/runner.md
 	$(BIN)/python benchmarks/audit_bench.py --out benchmarks/results/audit.md
+	$(BIN)/python benchmarks/train_bench.py --out benchmarks/results/train.md
 	cat $(BENCH_PARTS:%=benchmarks/results/%.md) > benchmarks/RESULTS.md
 
 clean:

@@ -8,8 +8,10 @@ Every contender is warmed up, then timed in R rounds; each round runs every cont
 a freshly shuffled order (interleaved, so that drift of the machine hits all of them alike).
 A call during which other processes used more than ``--max-foreign-load`` of the machine's
 CPU capacity (from ``/proc/stat``) is repeated (``--tries``); a round that still has a
-disturbed call is discarded and run again, up to ``--max-attempts`` rounds in all. The table reports the median seconds per batch and ratios of medians, checked
-against the targets of the issue::
+disturbed call is discarded and run again, up to ``--max-attempts`` rounds in all; before
+each round it waits (``--max-wait`` seconds in all) for the machine to be quiet. The table
+reports the median seconds per batch and ratios of medians, checked against the targets of
+the issue::
 
     CAM      <= 1.05 x forward
     Grad-CAM <= 1.3  x forward
@@ -17,8 +19,8 @@ against the targets of the issue::
 
 Usage::
 
-    .venv/bin/python benchmarks/run.py --out benchmarks/RESULTS.md
-    .venv/bin/python benchmarks/run.py --quick          # 2 rounds, smoke test
+    .venv/bin/python benchmarks/run.py --out benchmarks/results/methods.md   # as make bench
+    .venv/bin/python benchmarks/run.py --quick          # 2 rounds, no waiting: smoke test
 """
 
 from __future__ import annotations
@@ -114,6 +116,7 @@ class Measurement:
     rounds: list[Round]
     attempts: int
     max_load: float
+    waited: float = 0.0  # seconds spent waiting for the machine to become quiet
 
     @property
     def disturbed(self) -> list[Round]:
@@ -142,7 +145,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=0.1,
         help="repeat a call, then discard a round, when other processes used more than this "
-        "share of the CPU capacity during it (default 0.1)",
+        "share of the CPU capacity during it, plus the share of cores left free by --threads "
+        "(default 0.1)",
     )
     parser.add_argument(
         "--tries",
@@ -157,12 +161,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="most timed rounds to run in all, discarded ones included (default 3 x rounds)",
     )
     parser.add_argument(
+        "--max-wait",
+        type=float,
+        default=900.0,
+        help="seconds to wait in all for a quiet machine before rounds (default 900)",
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="smoke run: 2 rounds, 1 warm-up, no reruns"
     )
     parser.add_argument("--out", type=Path, default=None, help="write the Markdown report here")
     args = parser.parse_args(argv)
     if args.quick:
-        args.rounds, args.warmup, args.max_attempts, args.tries = 2, 1, 2, 1
+        args.rounds, args.warmup, args.max_attempts, args.tries, args.max_wait = 2, 1, 2, 1, 0
     if args.max_attempts is None:
         args.max_attempts = 3 * args.rounds
     if args.rounds < 1 or args.batch_size < 1 or args.size < 32:
@@ -419,6 +429,19 @@ def foreign_load(before: tuple | None, after: tuple | None) -> float | None:
     return max(0.0, busy - own) / total
 
 
+def wait_for_quiet(limit: float, budget: float) -> float:
+    """Sleep (in 1 s steps, at most ``budget`` seconds) until other processes use at most
+    ``limit`` of the CPU capacity; return the seconds waited."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < budget:
+        before = cpu_snapshot()
+        time.sleep(1.0)
+        load = foreign_load(before, cpu_snapshot())
+        if load is None or load <= limit:
+            break
+    return time.perf_counter() - start
+
+
 def run_round(
     contenders: list[Contender], rng: random.Random, max_load: float, tries: int
 ) -> Round:
@@ -444,14 +467,15 @@ def measure(contenders: list[Contender], args: argparse.Namespace) -> Measuremen
     rng = random.Random(args.seed)
     for index in range(args.warmup):
         print(f"warm-up {index + 1}/{args.warmup}", flush=True)
-        run_round(contenders, rng, args.max_foreign_load, tries=1)
+        run_round(contenders, rng, args.load_limit, tries=1)
     quiet: list[Round] = []
     busy: list[Round] = []
-    attempts = 0
+    attempts, waited = 0, 0.0
     while len(quiet) < args.rounds and attempts < args.max_attempts:
         attempts += 1
-        result = run_round(contenders, rng, args.max_foreign_load, args.tries)
-        is_quiet = result.foreign_load is None or result.foreign_load <= args.max_foreign_load
+        waited += wait_for_quiet(args.load_limit, args.max_wait - waited)
+        result = run_round(contenders, rng, args.load_limit, args.tries)
+        is_quiet = result.foreign_load is None or result.foreign_load <= args.load_limit
         (quiet if is_quiet else busy).append(result)
         verdict = "kept" if is_quiet else "discarded (machine busy)"
         print(f"round {attempts}: foreign load {result.load_text}, {verdict}", flush=True)
@@ -459,7 +483,7 @@ def measure(contenders: list[Contender], args: argparse.Namespace) -> Measuremen
     kept = quiet + busy[: args.rounds - len(quiet)]
     for contender in contenders:
         contender.times = [r.seconds[contender.name] for r in kept if contender.name in r.seconds]
-    return Measurement(kept, attempts, args.max_foreign_load)
+    return Measurement(kept, attempts, args.load_limit, waited)
 
 
 # -------------------------------------------------------------------------------- results
@@ -601,9 +625,10 @@ def measurement_text(args: argparse.Namespace, measurement: Measurement) -> str:
     kept = len(measurement.rounds)
     load = fmt(None if measurement.mean_load is None else 100 * measurement.mean_load, 0)
     text = (
-        f"{measurement.attempts} timed rounds run, {kept} kept; other processes used {load} % "
+        f"{measurement.attempts} timed rounds run, {kept} kept, after waiting "
+        f"{measurement.waited:.0f} s in all for a quiet machine; other processes used {load} % "
         f"of the CPU capacity during the kept rounds' most disturbed calls on average (limit "
-        f"{100 * args.max_foreign_load:.0f} %)"
+        f"{100 * args.load_limit:.0f} %)"
     )
     if measurement.disturbed:
         text += (
@@ -634,7 +659,7 @@ Generated on {now} by `{command}` (`make bench` runs it with the defaults).
   `model.preprocess`), explaining the top-1 class.
 - Method: {args.warmup} untimed warm-up rounds, then timed rounds; every round runs each
   contender once, in a new random order (seed {args.seed}). A call during which other
-  processes used more than {100 * args.max_foreign_load:.0f} % of the machine's CPU capacity
+  processes used more than {100 * args.load_limit:.0f} % of the machine's CPU capacity
   (from `/proc/stat`) is repeated (up to {args.tries} runs); a round left with a disturbed
   call is discarded and run again. `median s/batch` is the median over the kept
   rounds of `time.perf_counter()` around one call; ratios are ratios of medians.
@@ -672,8 +697,11 @@ this GAP + linear head).
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    args.threads = args.threads or len(os.sched_getaffinity(0))
+    cores = len(os.sched_getaffinity(0))
+    args.threads = args.threads or cores
     torch.set_num_threads(args.threads)
+    # Other processes may use the cores that the benchmark's threads leave free.
+    args.load_limit = args.max_foreign_load + max(0, cores - args.threads) / cores
     model = camlens.load_model("efficientnet_lite0")
     model = replace(model, input_size=(args.size, args.size))
     x = make_batch(model, args.batch_size)

@@ -62,6 +62,7 @@ OUTPUT_FILES = (WEIGHTS_FILE, CONFIG_FILE, METRICS_FILE, SPLIT_FILE, STATE_FILE)
 SIMPLE_MEAN = (0.5, 0.5, 0.5)
 SIMPLE_STD = (0.25, 0.25, 0.25)
 SIMPLE_SIZE = 64
+SIMPLE_EPOCHS, OTHER_EPOCHS = 40, 10
 
 # Parameters that must not change when a run is resumed (epochs and device may).
 _RESUME_KEYS = (
@@ -78,7 +79,7 @@ class TrainConfig:
         backbone: ``"simple"`` (small CNN from scratch), ``"efficientnet_lite0"`` (built-in,
             ImageNet-pretrained), ``"torchvision:<name>"`` or ``"timm:<name>"`` (random
             weights).
-        epochs: passes over the training set.
+        epochs: passes over the training set; default 40 for ``simple``, else 10.
         image_size: side of the (square) training images; default 64 for ``simple``, else
             the backbone's input size (224 for EfficientNet-Lite0).
         batch_size: images per step.
@@ -95,7 +96,7 @@ class TrainConfig:
     """
 
     backbone: str = "simple"
-    epochs: int = 15
+    epochs: int | None = None
     image_size: int | None = None
     batch_size: int = 32
     lr: float | None = None
@@ -168,9 +169,12 @@ def make_network(backbone: str, num_classes: int, *, head_channels: int = 1024) 
     if num_classes < 2:
         raise ConfigError(f"a classifier needs at least two classes, got {num_classes}")
     if backbone == "simple":
-        widths = list(SIMPLE_WIDTHS)
-        arch = {"backbone": "simple", "recipe": "simple", "num_classes": num_classes}
-        arch["widths"] = widths
+        arch = {
+            "backbone": "simple",
+            "recipe": "simple",
+            "num_classes": num_classes,
+            "widths": list(SIMPLE_WIDTHS),
+        }
         return Network(
             build_network(arch), arch, ["fc"], False, SIMPLE_SIZE, SIMPLE_MEAN, SIMPLE_STD
         )
@@ -479,7 +483,10 @@ class _Trainer:
 
 def _checked(config: TrainConfig) -> TrainConfig:
     checks = [
-        (config.epochs >= 1, f"epochs must be at least 1, got {config.epochs}"),
+        (
+            config.epochs is None or config.epochs >= 1,
+            f"epochs must be at least 1, got {config.epochs}",
+        ),
         (config.batch_size >= 1, f"batch size must be at least 1, got {config.batch_size}"),
         (
             config.lr is None or config.lr > 0,
@@ -504,7 +511,7 @@ def _checked(config: TrainConfig) -> TrainConfig:
 
 
 def _with_defaults(config: TrainConfig, network: Network) -> TrainConfig:
-    """Fill in the defaults that depend on the backbone (size, freezing, learning rate)."""
+    """Fill in the defaults that depend on the backbone (size, epochs, freezing, lr)."""
     freeze = network.pretrained if config.freeze_backbone is None else config.freeze_backbone
     if freeze and not network.pretrained:
         warnings.warn(
@@ -516,9 +523,9 @@ def _with_defaults(config: TrainConfig, network: Network) -> TrainConfig:
     if lr is None:
         lr = 3e-4 if network.pretrained and not freeze else 3e-3
     size = config.image_size or network.input_size
-    return TrainConfig(
-        **{**asdict(config), "freeze_backbone": freeze, "lr": lr, "image_size": size}
-    )
+    epochs = config.epochs or (SIMPLE_EPOCHS if config.backbone == "simple" else OTHER_EPOCHS)
+    filled = {"freeze_backbone": freeze, "lr": lr, "image_size": size, "epochs": epochs}
+    return TrainConfig(**{**asdict(config), **filled})
 
 
 def _previous_run(
@@ -658,12 +665,11 @@ def _relative(path: Path, root: Path) -> str:
 def _save_weights(module: nn.Module, path: Path) -> None:
     from safetensors.torch import save_file
 
-    from camlens import __version__
-
-    # Copies: safetensors refuses tensors that share memory.
+    # Copies: safetensors refuses tensors that share memory. One metadata entry only: the
+    # header stores several in a hash map, in an order that changes from run to run.
     state = {k: v.detach().cpu().clone().contiguous() for k, v in module.state_dict().items()}
     with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata={"format": FORMAT, "camlens_version": __version__})
+        save_file(state, str(tmp), metadata={"format": FORMAT})
 
 
 def _save_state(state: dict[str, Any], path: Path) -> None:

@@ -30,7 +30,12 @@ from camlens.train import TrainConfig
     help="simple (small CNN from scratch), efficientnet_lite0 (pretrained), "
     "torchvision:<name> or timm:<name> (random weights).",
 )
-@click.option("--epochs", default=15, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--epochs",
+    default=None,
+    type=click.IntRange(min=1),
+    help="Passes over the training set; default 40 for simple, else 10.",
+)
 @click.option(
     "--image-size",
     default=None,
@@ -75,7 +80,7 @@ def train(
     data: Path,
     out_dir: Path,
     backbone: str,
-    epochs: int,
+    epochs: int | None,
     image_size: int | None,
     batch_size: int,
     lr: float | None,
@@ -177,6 +182,13 @@ def _warnings_to_stderr() -> Iterator[None]:
     type=click.Choice(POSITIONS),
     help="Corner of the tag (the stripe uses top/bottom; the token goes anywhere).",
 )
+@click.option(
+    "--max-rotation",
+    default=15.0,
+    show_default=True,
+    type=click.FloatRange(0.0, 180.0),
+    help="Shapes turn up to this many degrees from upright (180: any orientation).",
+)
 def make_dataset(
     kind: str,
     out: Path,
@@ -189,6 +201,7 @@ def make_dataset(
     shortcut_rate: float,
     shortcut_other_rate: float,
     shortcut_position: str,
+    max_rotation: float,
 ) -> None:
     """Generate a synthetic data set with ground truth into OUT.
 
@@ -211,6 +224,7 @@ def make_dataset(
         shortcut_rate=shortcut_rate,
         shortcut_other_rate=shortcut_other_rate,
         shortcut_position=shortcut_position,
+        max_rotation=max_rotation,
     )
     info = run_or_exit(lambda: make_shapes_dataset(out, config))
     summary = info["shortcut"]

@@ -1,7 +1,8 @@
 """Synthetic shapes with ground truth, and an optional planted shortcut.
 
 Each image shows one coloured shape (circle, square, triangle, star, cross) at a random
-position, scale and rotation on a textured, noisy background. Colours are drawn at random for
+position and scale, turned a little from upright (15 degrees either way by default), on a
+textured, noisy background. Colours are drawn at random for
 every image, independently of the class, so that only the *shape* identifies the class. Every
 image comes with its object mask and bounding box.
 
@@ -70,6 +71,8 @@ class ShapesConfig:
         shortcut_other_rate: fraction of every other class's images that carry it.
         shortcut_position: a corner, or ``"random-corner"``; the stripe uses its top/bottom
             part, the token ignores it.
+        max_rotation: shapes are turned by up to this many degrees either way from upright
+            (180: any orientation, a much harder task for small data sets).
         noise: standard deviation of the pixel noise, in [0, 1] intensity units.
     """
 
@@ -82,6 +85,7 @@ class ShapesConfig:
     shortcut_rate: float = 0.9
     shortcut_other_rate: float = 0.0
     shortcut_position: str = "bottom-left"
+    max_rotation: float = 15.0
     noise: float = 0.04
 
     def validated(self) -> ShapesConfig:
@@ -110,6 +114,8 @@ class ShapesConfig:
                 f"unknown shortcut position {self.shortcut_position!r}; "
                 f"choose from {', '.join(POSITIONS)}"
             )
+        if not 0.0 <= self.max_rotation <= 180.0:
+            raise ConfigError(f"max_rotation={self.max_rotation} must lie in [0, 180] degrees")
         for name in ("shortcut_rate", "shortcut_other_rate", "noise"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"{name}={getattr(self, name)} must lie in [0, 1]")
@@ -211,7 +217,7 @@ def render_shape_image(config: ShapesConfig, index: int, label: str, shortcut: b
     size = config.size
     background = _background(rng, size)
     keepout = _keepout_boxes(config)
-    alpha = _shape_alpha(rng, label, size, keepout)
+    alpha = _shape_alpha(rng, label, size, keepout, config.max_rotation)
     colour = _contrasting_colour(rng, background, alpha)
     shading = 1.0 + 0.15 * _smooth_noise(rng, size, cells=3)[..., None]
     image = background * (1.0 - alpha[..., None]) + (colour * shading) * alpha[..., None]
@@ -359,11 +365,12 @@ def _keepout_boxes(config: ShapesConfig) -> list[Box]:
 
 
 def _shape_alpha(
-    rng: np.random.Generator, label: str, size: int, keepout: Sequence[Box]
+    rng: np.random.Generator, label: str, size: int, keepout: Sequence[Box], max_rotation: float
 ) -> np.ndarray:
     """Anti-aliased coverage (size, size) in [0, 1] of one shape, placed outside ``keepout``."""
     radius = rng.uniform(*_RADIUS_RANGE) * size
-    rotation = rng.uniform(0, 2 * math.pi)
+    upright = -math.pi / 2 if label in ("triangle", "star") else 0.0  # a point up
+    rotation = upright + math.radians(rng.uniform(-max_rotation, max_rotation))
     margin = 1.0
     for _ in range(100):
         cx, cy = rng.uniform(radius + margin, size - radius - margin, 2)

@@ -18,6 +18,7 @@ Recipes (``architecture["recipe"]``):
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,15 +35,26 @@ WEIGHTS_FILE = "model.safetensors"
 FORMAT = "camlens-trained-model"
 FORMAT_VERSION = 1
 
-SIMPLE_WIDTHS = (32, 64, 128)
+SIMPLE_WIDTHS = (16, 32, 64, 128)
 
 
 class SimpleCNN(nn.Module):
-    """A small CNN for small images: conv-BN-ReLU blocks -> GAP -> linear.
+    """A small CNN for small images: conv blocks -> GAP -> linear.
 
-    Each width adds a 3x3 conv-BN-ReLU block; max pooling halves the resolution between
-    blocks, and the last width gets a second block. At 64 px the class activation maps are
-    16 x 16 (with three widths).
+    The first block is conv 3x3 -> instance normalisation -> ReLU; each further width adds
+    conv 3x3 -> batch normalisation -> ReLU, preceded by max pooling (halving the resolution)
+    except for the last block, which refines the features at the resolution of the one before
+    it. With the default widths the class activation maps are a quarter of the input's side:
+    16 x 16 at 64 px.
+
+    Instance normalisation first removes each image's own mean colour from the first features,
+    so the network sees contrast rather than absolute colour. On the shapes data set (random
+    shape and background colours, 600 images at 64 px) it is what makes learning from a few
+    hundred images work: in our runs, below 50 % validation accuracy after 20-30 epochs with
+    batch normalisation in the first block, 96-98 % with instance normalisation. Keeping the
+    last block unpooled (16 x 16 instead of 8 x 8 maps at 64 px) cost 12 % more training time
+    and raised top-1 localisation at Zhou's threshold from 8 % to 31 % of the validation
+    images (``benchmarks/train_bench.py``).
 
     Parameters:
         num_classes: number of outputs.
@@ -55,18 +67,27 @@ class SimpleCNN(nn.Module):
 
     def __init__(self, num_classes: int, widths: Sequence[int] = SIMPLE_WIDTHS) -> None:
         super().__init__()
-        layers: list[nn.Module] = []
-        channels = 3
-        for i, width in enumerate(widths):
-            if i > 0:
+        first = widths[0]
+        layers: list[nn.Module] = [
+            nn.Conv2d(3, first, kernel_size=3, padding=1, bias=False),
+            nn.InstanceNorm2d(first, affine=True),
+            nn.ReLU(inplace=True),
+        ]
+        pooled = len(widths) - 2  # every further block but the last halves the resolution
+        for i, (in_channels, out_channels) in enumerate(itertools.pairwise(widths)):
+            if i < pooled:
                 layers.append(nn.MaxPool2d(2))
-            layers.extend(_conv_bn_relu(channels, width))
-            channels = width
-        layers.extend(_conv_bn_relu(channels, channels))
+            layers.extend(
+                [
+                    nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
+                    nn.BatchNorm2d(out_channels),
+                    nn.ReLU(inplace=True),
+                ]
+            )
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten()
-        self.fc = nn.Linear(channels, num_classes)
+        self.fc = nn.Linear(widths[-1], num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.flatten(self.pool(self.features(x))))
@@ -261,11 +282,3 @@ def read_config(folder: str | Path) -> dict[str, Any]:
     if missing:
         raise ConfigError(f"{path} lacks {', '.join(missing)}")
     return config
-
-
-def _conv_bn_relu(in_channels: int, out_channels: int) -> list[nn.Module]:
-    return [
-        nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
-        nn.BatchNorm2d(out_channels),
-        nn.ReLU(inplace=True),
-    ]
