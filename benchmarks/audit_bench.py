@@ -16,9 +16,9 @@ the audit and its peak during it. The peak must not grow with the number of imag
 
 Usage::
 
-    python benchmarks/audit_bench.py --out audit_bench.md       # full (~12 min on 2 cores)
-    python benchmarks/audit_bench.py --rate 0.5 --other-rate 0.1 --skip-cost   # harder data
-    python benchmarks/audit_bench.py --seeds 0 --quick --skip-cost             # a smoke run
+    python benchmarks/audit_bench.py --out benchmarks/results/audit.md   # as make bench
+    python benchmarks/audit_bench.py --rates 0.5/0.1 --skip-cost   # only the harder setting
+    python benchmarks/audit_bench.py --seeds 0 --quick --skip-cost --rates 0.9/0   # smoke run
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ def detection_run(
     from camlens.data.shapes import ShapesConfig, make_shapes_dataset
     from camlens.train import TrainConfig, train_classifier
 
-    root = work / f"{kind}-{position}-{seed}"
+    root = work / f"{kind}-{position}-{seed}-{rates[0]}-{rates[1]}"
     config = ShapesConfig(
         n=n,
         size=size,
@@ -305,15 +305,47 @@ def cost(work: Path, sizes: list[int], image_size: int, engine: str, threads: in
     return lines
 
 
+def detection_section(
+    work: Path, args: argparse.Namespace, seeds: list[int], placements: list, rate: tuple
+) -> list[str]:
+    """Train, plant and audit every placement and seed at one shortcut ``rate`` setting."""
+    runs = []
+    for seed in seeds:
+        for kind, position in placements:
+            run = detection_run(work, kind, position, seed, args.n, args.size, args.epochs, rate)
+            print(
+                f"{kind} {position} seed {seed} rates {rate}: TP {run.true_positive} FP "
+                f"{run.false_positive} oracle {run.oracle_flip}",
+                file=sys.stderr,
+                flush=True,
+            )
+            runs.append(run)
+    return [
+        f"### Shortcut on {rate[0]:.0%} of class {SHORTCUT_CLASS!r} and {rate[1]:.0%} of the "
+        "others",
+        "",
+        f"Detection: {len(seeds)} seeds x {len(placements)} data sets of {args.n} images "
+        f"({args.size} px, 3 classes), a `simple` model trained {args.epochs} epochs on each, "
+        "audited with annotations and default settings.",
+        "",
+        *precision_recall(runs),
+        "",
+        *detection_table(runs),
+        "",
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", default="0,1,2", help="Comma-separated seeds.")
     parser.add_argument("--n", type=int, default=300, help="Images per detection data set.")
     parser.add_argument("--size", type=int, default=32, help="Image side for detection runs.")
     parser.add_argument("--epochs", type=int, default=12, help="Training epochs per run.")
-    parser.add_argument("--rate", type=float, default=0.9, help="Shortcut share in its class.")
     parser.add_argument(
-        "--other-rate", type=float, default=0.0, help="Shortcut share in the other classes."
+        "--rates",
+        default="0.9/0,0.5/0.1",
+        help="Comma-separated settings RATE/OTHER: the shortcut's share in its class and in "
+        "the other classes (default: 90 %% of one class; 50 %% of it and 10 %% of the others).",
     )
     parser.add_argument("--quick", action="store_true", help="Corner tags and clean only.")
     parser.add_argument("--skip-cost", action="store_true")
@@ -327,39 +359,12 @@ def main() -> None:
     placements = (
         [p for p in PLACEMENTS if p[0] in ("corner-tag", None)] if args.quick else PLACEMENTS
     )
+    rates = [tuple(float(v) for v in item.split("/")) for item in args.rates.split(",")]
     lines = ["## camlens audit: planted shortcuts and cost", ""]
     with tempfile.TemporaryDirectory(prefix="camlens-audit-bench-") as tmp:
         work = Path(tmp)
-        runs = []
-        for seed in [] if args.skip_detection else seeds:
-            for kind, position in placements:
-                run = detection_run(
-                    work, kind, position, seed, args.n, args.size, args.epochs,
-                    (args.rate, args.other_rate),
-                )  # fmt: skip
-                print(
-                    f"{kind} {position} seed {seed}: TP {run.true_positive} FP "
-                    f"{run.false_positive} oracle {run.oracle_flip}",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                runs.append(run)
-        lines += (
-            []
-            if args.skip_detection
-            else [
-                f"Detection: {len(seeds)} seeds x {len(placements)} data sets of {args.n} images "
-                f"({args.size} px, 3 classes, shortcut on {args.rate:.0%} of class "
-                f"{SHORTCUT_CLASS!r} and {args.other_rate:.0%} of the others), a "
-                f"`simple` model trained {args.epochs} epochs on each, audited with annotations "
-                "and default settings.",
-                "",
-                *precision_recall(runs),
-                "",
-                *detection_table(runs),
-                "",
-            ]
-        )
+        for rate in [] if args.skip_detection else rates:
+            lines += detection_section(work, args, seeds, placements, rate)
         if not args.skip_cost:
             sizes = [int(s) for s in args.cost_images.split(",")]
             lines += [

@@ -16,14 +16,40 @@ An image with several annotated classes contributes one *instance* per class to 
 class-wise metrics; top-1 localisation and the faithfulness metrics count each image once.
 An annotation without a class (``None``: mask folders without class subfolders) is evaluated
 on the model's top-1 class, which then counts as right for top-1 localisation.
+
+How it runs: the images go through the model in batches, and each image becomes one small
+JSON *record*, what the summary needs of it and never a map::
+
+    {"index": 3, "image": "a.png", "status": "ok", "error": null,
+     "methods": {"cam": {"predicted": 0, "predicted_label": "red", "top1_loc": true,
+                         "instances": [{"label": "red", "class": 0, "ious": [...],
+                                        "gt_known_loc": true, "pointing_game": true,
+                                        "energy_pointing_game": 0.93}],
+                         "deletion": [...], "insertion": [...], "full": 0.9, "masked": 0.7}}}
+
+(``ious``: the IoU at every map threshold; with the metrics that need them, ``ious_all`` per
+instance for MaxBoxAccV2, ``road_morf`` / ``road_lerf`` scores, and ``pixels``: PxAP's
+object/background histograms. An unreadable image: ``status`` ``"error"``, no ``methods``.)
+The data-set metrics are folded from the records in input order, so memory grows with the
+number of images by a few numbers each, and the records can be made anywhere: in this process
+(``engine="local"``) or on Ray actors (``engine="ray"``, see ``camlens.ray_engine``), with the
+same batches and the same numbers. With ``out_dir`` they are appended to
+``OUT/evaluation.jsonl`` as each batch completes, so a run killed at any moment continues with
+``resume=True``: a torn last line is dropped, images already recorded are skipped, and the
+records are put back in input order before ``metrics.json`` is folded from all of them.
 """
 
 from __future__ import annotations
 
+import hashlib
+import heapq
+import json
 import os
+import pickle
 import sys
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -44,16 +70,38 @@ from camlens.metrics import faithfulness as faith
 from camlens.metrics import localization as loc
 from camlens.metrics.sanity import cascading_randomization
 from camlens.models import Classifier, load_model
+from camlens.runner import chunks, iter_jsonl, prepare_output
 from camlens.targets import class_index
+from camlens.writers import JsonlWriter, atomic_path, write_json
 
 __all__ = [
     "DEFAULT_METRICS",
+    "ENGINES",
     "HIGHER_IS_BETTER",
     "METRICS",
+    "OUTPUT_ENTRIES",
+    "RECORDS_FILE",
     "evaluate",
     "make_methods",
     "resolve_metrics",
 ]
+
+#: The per-image records of a run with ``out_dir``: one JSON object per line and annotated image.
+RECORDS_FILE = "evaluation.jsonl"
+#: The settings of the run that wrote the records (a resume must use the same).
+SETTINGS_FILE = "evaluation.json"
+METRICS_FILE = "metrics.json"
+#: Everything ``camlens evaluate`` writes into its output folder (what ``overwrite`` removes).
+OUTPUT_ENTRIES = (
+    METRICS_FILE,
+    "report.html",
+    "curves",
+    "gallery",
+    RECORDS_FILE,
+    SETTINGS_FILE,
+    "samples",
+)
+ENGINES = ("local", "ray")
 
 #: Every metric ``evaluate`` can report, with a one-line definition (report glossary).
 METRICS: dict[str, str] = {
@@ -195,36 +243,8 @@ class _Settings:
         }
 
 
-@dataclass
-class _Instance:
-    """One (image, annotated class) pair."""
-
-    image: str
-    label: str | None
-    class_id: int
-    predicted: int
-    ious: np.ndarray
-    ious_all: np.ndarray
-    gt_known: bool
-    pointing: bool
-    energy: float
-    image_index: int
-
-
-@dataclass
-class _MethodState:
-    """Everything accumulated for one method over the data set."""
-
-    method: CAMMethod
-    instances: list[_Instance] = field(default_factory=list)
-    top1_hits: list[bool] = field(default_factory=list)
-    pixels: loc.PixelPrecisionRecall | None = None
-    deletion: list[np.ndarray] = field(default_factory=list)
-    insertion: list[np.ndarray] = field(default_factory=list)
-    full: list[np.ndarray] = field(default_factory=list)
-    masked: list[np.ndarray] = field(default_factory=list)
-    road_morf: list[np.ndarray] = field(default_factory=list)
-    road_lerf: list[np.ndarray] = field(default_factory=list)
+#: One unit of work: (index in the annotation list, its annotation, its class ids).
+WorkItem = tuple[int, Annotation, list[int | None]]
 
 
 def evaluate(
@@ -248,6 +268,12 @@ def evaluate(
     sanity_stages: int | Sequence[str] | None = None,
     seed: int = 0,
     progress: bool = False,
+    out_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    engine: str = "local",
+    ray_address: str | None = None,
+    workers: int | None = None,
 ) -> dict[str, Any]:
     """Score heat-map methods on an annotated data set.
 
@@ -263,7 +289,9 @@ def evaluate(
             :data:`DEFAULT_METRICS`. PxAP and mask IoU need masks.
         image_root: folder that relative image paths of ``annotations`` refer to.
         layer: feature layer for every method (default: found automatically).
-        batch_size: images per method call, and perturbed inputs per forward pass.
+        batch_size: images per method call, and perturbed inputs per forward pass. Batches
+            are consecutive slices of the annotation list, whatever the engine and however
+            often the run was resumed, so the numbers do not depend on either.
         steps: deletion/insertion steps (the curves have ``steps + 1`` points).
         deletion_baseline, insertion_baseline: ``"zero"`` or ``"blur"`` (RISE's defaults).
         score: ``"prob"`` (softmax) or ``"logit"`` for the faithfulness metrics.
@@ -274,7 +302,22 @@ def evaluate(
         sanity_images: how many images (the first ones) the sanity check uses.
         sanity_stages: stages of the sanity check (see ``cascading_randomization``).
         seed: seed of ROAD's noise and of the sanity check's re-initialisation.
-        progress: show a progress bar on stderr (images x methods done).
+        progress: show a progress bar on stderr (images done).
+        out_dir: write ``evaluation.json`` (the settings), ``evaluation.jsonl`` (one record per
+            annotated image, appended as each batch completes) and ``metrics.json`` (the
+            returned dict) there. A non-empty folder is refused unless ``resume`` or
+            ``overwrite``. Without ``out_dir`` the records are kept in memory.
+        resume: continue an interrupted run in ``out_dir``: a torn last line is dropped,
+            images already recorded are skipped, the rest are computed, and the metrics are
+            folded from all records. The settings must equal the interrupted run's
+            (``ConfigError`` naming those that differ).
+        overwrite: remove camlens' previous outputs in ``out_dir`` (:data:`OUTPUT_ENTRIES`,
+            never other files) and start again.
+        engine: ``"local"`` (this process) or ``"ray"`` (a pool of Ray actors, each loading
+            the model once; see ``camlens.ray_engine``). Both give the same numbers; the
+            sanity check always runs here.
+        ray_address: address of a running Ray cluster (default: start a local Ray).
+        workers: Ray actors (default: one per CPU).
 
     Returns:
         A JSON-ready dict, the content of ``metrics.json``::
@@ -290,8 +333,9 @@ def evaluate(
         cannot be computed (no masks, no image) is ``None``.
 
     Raises:
-        ConfigError: unknown method or metric, a label that is not a class of the model, bad
-            annotations.
+        ConfigError: unknown method, metric or engine, a label that is not a class of the
+            model, bad annotations; a non-empty ``out_dir`` without ``resume`` or
+            ``overwrite``; a resume with other settings.
 
     Example:
         >>> result = camlens.evaluate(
@@ -299,10 +343,57 @@ def evaluate(
         ...     methods=["cam"], metrics="localization")  # the bundled photos, written first
         >>> round(result["methods"]["cam"]["maxboxacc"], 3)
         0.667
+        >>> result = camlens.evaluate("efficientnet_lite0", "boxes.csv", out_dir="ev",
+        ...                           engine="ray", resume=True)  # continue a killed run
     """
     classifier = model if isinstance(model, Classifier) else load_model(model)
     items, source = _annotations(annotations, image_root)
-    settings = _Settings(
+    settings = _make_settings(
+        metrics, batch_size, steps, deletion_baseline, insertion_baseline, score, tolerance,
+        threshold, thresholds, road_fractions, seed,
+    )  # fmt: skip
+    if engine not in ENGINES:
+        raise ConfigError(f"unknown engine {engine!r}; choose one of: {', '.join(ENGINES)}")
+    work = [(i, item, _class_ids(item, classifier)) for i, item in enumerate(items)]
+    instances = make_methods(classifier, methods, layer)
+    job = _actor_job(model, classifier, methods, instances, layer, settings)
+    store = _RecordStore(
+        None if out_dir is None else Path(out_dir),
+        _run_settings(classifier, items, instances, layer, settings),
+    )
+    done = store.open(resume=resume, overwrite=overwrite)
+    store.append(
+        _records(classifier, instances, work, done, job, engine, ray_address, workers, progress)
+    )
+    sanity = _sanity(
+        classifier, items, store.records, instances, settings, sanity_images, layer, sanity_stages
+    )
+    result = _summarize(
+        store.records, [m.name for m in instances], settings, classifier.name, source, sanity
+    )
+    store.write_metrics(result)
+    return result
+
+
+def _make_settings(
+    metrics: Sequence[str] | str | None,
+    batch_size: int,
+    steps: int,
+    deletion_baseline: str,
+    insertion_baseline: str,
+    score: str,
+    tolerance: float,
+    threshold: float,
+    thresholds: Sequence[float],
+    road_fractions: Sequence[float],
+    seed: int,
+) -> _Settings:
+    for name, value in (("deletion", deletion_baseline), ("insertion", insertion_baseline)):
+        if value not in ("zero", "blur"):
+            raise ConfigError(f"{name}_baseline must be 'zero' or 'blur', got {value!r}")
+    if score not in ("prob", "logit"):
+        raise ConfigError(f"score must be 'prob' or 'logit', got {score!r}")
+    return _Settings(
         metrics=resolve_metrics(metrics),
         batch_size=_positive(batch_size, "batch_size"),
         steps=_positive(steps, "steps"),
@@ -315,53 +406,6 @@ def evaluate(
         road_fractions=tuple(float(f) for f in road_fractions),
         seed=seed,
     )
-    for name, value in (("deletion", deletion_baseline), ("insertion", insertion_baseline)):
-        if value not in ("zero", "blur"):
-            raise ConfigError(f"{name}_baseline must be 'zero' or 'blur', got {value!r}")
-    if score not in ("prob", "logit"):
-        raise ConfigError(f"score must be 'prob' or 'logit', got {score!r}")
-    class_ids = [_class_ids(item, classifier) for item in items]
-    states = {
-        instance.name: _MethodState(instance)
-        for instance in make_methods(classifier, methods, layer)
-    }
-    errors: list[dict[str, str]] = []
-    kept: list[torch.Tensor] = []
-    n_images = 0
-    bar = tqdm(
-        total=len(items) * len(states),
-        desc="images x methods",
-        unit="img",
-        file=sys.stderr,
-        disable=not progress,
-    )
-    with bar:
-        for start in range(0, len(items), settings.batch_size):
-            batch = list(range(start, min(start + settings.batch_size, len(items))))
-            loaded = _load_batch(items, batch, errors)
-            if loaded:
-                indices = [i for i, _ in loaded]
-                x = classifier.preprocess([image for _, image in loaded])
-                for name, state in states.items():
-                    bar.set_postfix_str(name)
-                    _evaluate_batch(
-                        classifier, state, x, loaded, items, class_ids, indices, settings
-                    )
-                    bar.update(len(loaded))
-                room = sanity_images - sum(t.shape[0] for t in kept)
-                if settings.wants("sanity_spearman", "sanity_ssim") and room > 0:
-                    kept.append(x[:room])
-                n_images += len(loaded)
-            bar.update((len(batch) - len(loaded)) * len(states))
-    sanity = {}
-    if kept and settings.wants("sanity_spearman", "sanity_ssim"):
-        x_sanity = torch.cat(kept)
-        for name in states:
-            stages = cascading_randomization(
-                classifier, x_sanity, name, layer=layer, stages=sanity_stages, seed=seed
-            )
-            sanity[name] = [stage.as_dict() for stage in stages]
-    return _summary(classifier, source, settings, states, sanity, errors, n_images)
 
 
 def _annotations(
@@ -430,29 +474,6 @@ def _class_ids(item: Annotation, classifier: Classifier) -> list[int | None]:
     return ids
 
 
-def _load_batch(
-    items: list[Annotation], batch: list[int], errors: list[dict[str, str]]
-) -> list[tuple[int, Image.Image]]:
-    loaded = []
-    for i in batch:
-        try:
-            image = load_image(items[i].image)
-        except ImageLoadError as error:
-            errors.append({"image": str(items[i].image), "error": str(error)})
-            continue
-        if items[i].size is not None and image.size != tuple(items[i].size):
-            errors.append(
-                {
-                    "image": str(items[i].image),
-                    "error": f"the image is {image.size[0]}x{image.size[1]} but was "
-                    f"{items[i].size[0]}x{items[i].size[1]} when the annotations were read",
-                }
-            )
-            continue
-        loaded.append((i, image))
-    return loaded
-
-
 def _targets_fn(ids_per_image: list[list[int | None]]) -> Callable[[torch.Tensor], torch.Tensor]:
     """Target columns: [top-1, annotated class 1, ...], unlabelled or padding -> top-1."""
     width = max(len(ids) for ids in ids_per_image)
@@ -468,40 +489,92 @@ def _targets_fn(ids_per_image: list[list[int | None]]) -> Callable[[torch.Tensor
     return pick
 
 
-def _evaluate_batch(
-    classifier: Classifier,
-    state: _MethodState,
-    x: torch.Tensor,
-    loaded: list[tuple[int, Image.Image]],
-    items: list[Annotation],
-    class_ids: list[list[int | None]],
-    indices: list[int],
-    settings: _Settings,
-) -> None:
-    result = state.method.run(x, _targets_fn([class_ids[i] for i in indices]))
-    raw = result.raw.cpu()
-    targets = result.targets.cpu()
-    for row, (i, image) in enumerate(loaded):
-        _localize(state, raw[row], targets[row], items[i], image.size, i, settings)
-    top1 = targets[:, 0]
-    maps = normalize_maps(raw[:, :1], tuple(x.shape[-2:]))[:, 0]
-    _faithfulness(classifier, state, x, maps, top1, settings)
+# --- per-image records ---------------------------------------------------------------------
+
+
+class _BatchEvaluator:
+    """Turns batches of annotated images into records (see the module docstring): load,
+    preprocess, run every method once per batch, measure. Used in-process by the local engine
+    and by each actor of the Ray engine."""
+
+    def __init__(
+        self, classifier: Classifier, methods: Sequence[CAMMethod], settings: _Settings
+    ) -> None:
+        self.classifier = classifier
+        self.methods = list(methods)
+        self.settings = settings
+
+    def records(self, batch: Sequence[WorkItem]) -> list[dict[str, Any]]:
+        """One record per item of ``batch``, in order."""
+        records: dict[int, dict[str, Any]] = {}
+        loaded: list[tuple[WorkItem, Image.Image]] = []
+        for work in batch:
+            index, item, _ = work
+            try:
+                loaded.append((work, _load(item)))
+            except ImageLoadError as error:
+                records[index] = _error_record(index, item, str(error))
+        if loaded:
+            x = self.classifier.preprocess([image for _, image in loaded])
+            measured = {method.name: self._measure(method, x, loaded) for method in self.methods}
+            for row, ((index, item, _), _) in enumerate(loaded):
+                records[index] = {
+                    "index": index,
+                    "image": str(item.image),
+                    "status": "ok",
+                    "error": None,
+                    "methods": {name: values[row] for name, values in measured.items()},
+                }
+        return [records[index] for index, _, _ in batch]
+
+    def _measure(
+        self, method: CAMMethod, x: torch.Tensor, loaded: list[tuple[WorkItem, Image.Image]]
+    ) -> list[dict[str, Any]]:
+        """Per image of the batch: what the summary needs of ``method``."""
+        result = method.run(x, _targets_fn([ids for (_, _, ids), _ in loaded]))
+        raw, targets = result.raw.cpu(), result.targets.cpu()
+        values = [
+            _localize(self.classifier, raw[row], targets[row], item, image.size, self.settings)
+            for row, ((_, item, _), image) in enumerate(loaded)
+        ]
+        maps = normalize_maps(raw[:, :1], tuple(x.shape[-2:]))[:, 0]
+        faithful = _faithfulness(self.classifier, x, maps, targets[:, 0], self.settings)
+        for key, array in faithful.items():
+            for row, value in enumerate(values):
+                value[key] = array[row].tolist()
+        return values
+
+
+def _load(item: Annotation) -> Image.Image:
+    image = load_image(item.image)
+    if item.size is not None and image.size != tuple(item.size):
+        raise ImageLoadError(
+            f"the image is {image.size[0]}x{image.size[1]} but was "
+            f"{item.size[0]}x{item.size[1]} when the annotations were read"
+        )
+    return image
+
+
+def _error_record(index: int, item: Annotation, message: str) -> dict[str, Any]:
+    return {"index": index, "image": str(item.image), "status": "error", "error": message}
 
 
 def _localize(
-    state: _MethodState,
+    classifier: Classifier,
     raw: torch.Tensor,
     targets: torch.Tensor,
     item: Annotation,
     size: tuple[int, int],
-    index: int,
     settings: _Settings,
-) -> None:
+) -> dict[str, Any]:
+    """One image's localisation values: per annotated class, the IoUs at every map threshold
+    and the box, point and energy values; the top-1 hit; the pixel histograms (masks)."""
     width, height = size
     predicted = int(targets[0])
     top_map = normalize_maps(raw[None, :1], (height, width))[0, 0].numpy()
     masks = item.class_masks() if settings.wants("pxap", "mask_iou") else {}
-    gt_classes, gt_boxes = [], []
+    pixels: loc.PixelPrecisionRecall | None = None
+    instances, gt_classes, gt_boxes = [], [], []
     for column, label in enumerate(item.classes(), start=1):
         class_id = int(targets[column])
         boxes = item.boxes_for(label)
@@ -512,115 +585,506 @@ def _localize(
             if class_id == predicted
             else normalize_maps(raw[None, column : column + 1], (height, width))[0, 0].numpy()
         )
-        box = box_from_map(heatmap, settings.threshold)
-        ious, ious_all = loc.threshold_ious_both(heatmap, boxes, settings.thresholds)
         mask = item.mask_for(label) if masks else None
-        if mask is not None and state.pixels is None:
-            state.pixels = loc.PixelPrecisionRecall(settings.thresholds)
         if mask is not None:
             if mask.shape != (height, width):
                 raise ConfigError(
                     f"{item.source_of(label)}: mask is {mask.shape[1]}x{mask.shape[0]} but the "
                     f"image is {width}x{height}"
                 )
-            state.pixels.add(heatmap, mask)
-        state.instances.append(
-            _Instance(
-                image=str(item.image),
-                label=label,
-                class_id=class_id,
-                predicted=predicted,
-                ious=ious,
-                ious_all=ious_all,
-                gt_known=box is not None and float(loc.box_iou([box], boxes).max()) >= 0.5,
-                pointing=loc.pointing_game(heatmap, boxes, tolerance=settings.tolerance),
-                energy=loc.energy_pointing_game(heatmap, boxes),
-                image_index=index,
-            )
-        )
-    unlabelled = None in item.classes()
-    top_box = box_from_map(top_map, settings.threshold)
-    if unlabelled:
+            if pixels is None:
+                pixels = loc.PixelPrecisionRecall(settings.thresholds)
+            pixels.add(heatmap, mask)
+        box = box_from_map(heatmap, settings.threshold)
+        ious, ious_all = loc.threshold_ious_both(heatmap, boxes, settings.thresholds)
+        instance = {
+            "label": label,
+            "class": class_id,
+            "ious": ious.tolist(),
+            "gt_known_loc": box is not None and float(loc.box_iou([box], boxes).max()) >= 0.5,
+            "pointing_game": loc.pointing_game(heatmap, boxes, tolerance=settings.tolerance),
+            "energy_pointing_game": loc.energy_pointing_game(heatmap, boxes),
+        }
+        if settings.wants("maxboxacc_v2"):
+            instance["ious_all"] = ious_all.tolist()
+        instances.append(instance)
+    if None in item.classes():
         gt_classes = [predicted if c is None else c for c in gt_classes]
-    state.top1_hits.append(loc.top1_localization(predicted, top_box, gt_classes, gt_boxes))
+    top_box = box_from_map(top_map, settings.threshold)
+    values = {
+        "predicted": predicted,
+        "predicted_label": classifier.label(predicted),
+        "top1_loc": loc.top1_localization(predicted, top_box, gt_classes, gt_boxes),
+        "instances": instances,
+    }
+    if pixels is not None:
+        values["pixels"] = {
+            "object": pixels.object_hist.astype(np.int64).tolist(),
+            "background": pixels.background_hist.astype(np.int64).tolist(),
+            "n": pixels.n_images,
+        }
+    return values
 
 
 def _faithfulness(
     classifier: Classifier,
-    state: _MethodState,
     x: torch.Tensor,
     maps: torch.Tensor,
     top1: torch.Tensor,
     settings: _Settings,
-) -> None:
+) -> dict[str, np.ndarray]:
+    """The batch's faithfulness values, one row per image: ``deletion`` and ``insertion``
+    curves, ``full`` and ``masked`` scores, ``road_morf`` and ``road_lerf`` scores."""
     common = {"batch_size": settings.batch_size, "score": settings.score}
+    values: dict[str, np.ndarray] = {}
     if settings.wants("deletion_auc"):
-        state.deletion.append(
-            faith.deletion_curve(
-                classifier,
-                x,
-                maps,
-                top1,
-                steps=settings.steps,
-                baseline=settings.deletion_baseline,
-                **common,
-            )
-        )
+        values["deletion"] = faith.deletion_curve(
+            classifier, x, maps, top1, steps=settings.steps, baseline=settings.deletion_baseline,
+            **common,
+        )  # fmt: skip
     if settings.wants("insertion_auc"):
-        state.insertion.append(
-            faith.insertion_curve(
-                classifier,
-                x,
-                maps,
-                top1,
-                steps=settings.steps,
-                baseline=settings.insertion_baseline,
-                **common,
-            )
-        )
+        values["insertion"] = faith.insertion_curve(
+            classifier, x, maps, top1, steps=settings.steps, baseline=settings.insertion_baseline,
+            **common,
+        )  # fmt: skip
     if settings.wants("average_drop", "increase_in_confidence", "average_gain"):
-        full, masked = faith.masked_scores(classifier, x, maps, top1, **common)
-        state.full.append(full)
-        state.masked.append(masked)
+        values["full"], values["masked"] = faith.masked_scores(classifier, x, maps, top1, **common)
     if settings.wants("road_morf", "road_lerf", "road_combined"):
-        for order, store in (("morf", state.road_morf), ("lerf", state.road_lerf)):
-            store.append(
-                faith.road_scores(
-                    classifier,
-                    x,
-                    maps,
-                    top1,
-                    order=order,
-                    fractions=settings.road_fractions,
-                    seed=settings.seed,
-                    **common,
-                )
-            )
+        for order in ("morf", "lerf"):
+            values[f"road_{order}"] = faith.road_scores(
+                classifier, x, maps, top1, order=order, fractions=settings.road_fractions,
+                seed=settings.seed, **common,
+            )  # fmt: skip
+    return values
 
 
-def _summary(
+# --- engines ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _ActorJob:
+    """What each Ray actor needs to build its ``_BatchEvaluator``: a model spec it loads itself
+    or the ``Classifier``, and method names or instances (pickled together with the
+    ``Classifier``, so that they share its module)."""
+
+    model: Classifier | str
+    methods: tuple[str | CAMMethod, ...]
+    layer: str | None
+    settings: _Settings
+
+
+def _actor_job(
+    model: Classifier | nn.Module | str,
     classifier: Classifier,
-    source: str,
+    requested: Sequence[str | CAMMethod] | str,
+    instances: list[CAMMethod],
+    layer: str | None,
     settings: _Settings,
-    states: dict[str, _MethodState],
-    sanity: dict[str, list[dict]],
-    errors: list[dict[str, str]],
-    n_images: int,
+) -> _ActorJob:
+    given_instances = not isinstance(requested, str) and any(
+        isinstance(m, CAMMethod) for m in requested
+    )
+    if given_instances:
+        return _ActorJob(classifier, tuple(instances), layer, settings)
+    from camlens.ray_engine import model_for_actors
+
+    spec = model if isinstance(model, str) else model_for_actors(classifier)
+    return _ActorJob(spec, tuple(m.name for m in instances), layer, settings)
+
+
+class _RayEvaluator:
+    """Ray actor: one ``_BatchEvaluator``; rows of pickled batches in, JSON records out."""
+
+    def __init__(self, job: _ActorJob) -> None:
+        torch.set_num_threads(1)
+        classifier = load_model(job.model) if isinstance(job.model, str) else job.model
+        methods = make_methods(classifier, list(job.methods), job.layer)
+        self.evaluator = _BatchEvaluator(classifier, methods, job.settings)
+
+    def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        records = [
+            json.dumps(record)
+            for payload in rows["batch"]
+            for record in self.evaluator.records(pickle.loads(payload))
+        ]
+        return {"record": np.array(records, dtype=object)}
+
+
+def _records(
+    classifier: Classifier,
+    instances: list[CAMMethod],
+    work: list[WorkItem],
+    done: set[int],
+    job: _ActorJob,
+    engine: str,
+    ray_address: str | None,
+    workers: int | None,
+    progress: bool,
+) -> Iterator[dict[str, Any]]:
+    """The records of the images not ``done``, in input order.
+
+    Batches are the consecutive slices of ``batch_size`` annotated images, always the same
+    ones: a batch that is partly done is computed whole (the records already there are not
+    written again), so that every image is measured in the same company as in an
+    uninterrupted run (ROAD's noise depends on an image's position in its batch).
+    """
+    batches = [
+        b for b in chunks(work, job.settings.batch_size) if any(i not in done for i, *_ in b)
+    ]
+    todo = sum(1 for b in batches for i, *_ in b if i not in done)
+    if engine == "ray" and batches:
+        from camlens.ray_engine import ordered_map_batches
+
+        # Pickled: annotations carry paths, tuples and lazy mask readers, not table columns.
+        rows = [{"batch": pickle.dumps(batch)} for batch in batches]
+        outputs = ordered_map_batches(
+            rows, _RayEvaluator, {"job": job}, 1, address=ray_address, workers=workers
+        )
+        computed = (json.loads(r) for output in outputs for r in output["record"])
+    else:
+        evaluator = _BatchEvaluator(classifier, instances, job.settings)
+        computed = (record for batch in batches for record in evaluator.records(batch))
+    bar = tqdm(total=todo, desc="images", unit="img", file=sys.stderr, disable=not progress)
+    with bar:
+        for record in computed:
+            if record["index"] not in done:
+                bar.update(1)
+                yield record
+
+
+# --- the output folder -----------------------------------------------------------------------
+
+
+class _RecordStore:
+    """Where the records go: ``out_dir/evaluation.jsonl`` (with ``evaluation.json``, the run's
+    settings), or a list in memory when there is no output folder."""
+
+    def __init__(self, out_dir: Path | None, settings: dict[str, Any]) -> None:
+        self.out_dir = out_dir
+        self.path = None if out_dir is None else out_dir / RECORDS_FILE
+        self.settings = json.loads(json.dumps(settings))  # as it reads back from the file
+        self._kept: list[dict[str, Any]] = []
+
+    def open(self, *, resume: bool, overwrite: bool) -> set[int]:
+        """Prepare the folder; return the indices of the images already recorded."""
+        if self.out_dir is None:
+            if resume or overwrite:
+                raise ConfigError("resume and overwrite apply to an output folder; give out_dir")
+            return set()
+        done = prepare_output(
+            self.out_dir, resume=resume, overwrite=overwrite, entries=OUTPUT_ENTRIES,
+            results=RECORDS_FILE, key="index",
+        )  # fmt: skip
+        settings_path = self.out_dir / SETTINGS_FILE
+        if resume and settings_path.exists():
+            _check_same_settings(
+                json.loads(settings_path.read_text(encoding="utf-8")), self.settings, self.out_dir
+            )
+        elif done:
+            raise ConfigError(
+                f"{str(self.path)!r} has records but {SETTINGS_FILE} is missing, so they cannot "
+                "be checked against this run's settings; use --overwrite to start again"
+            )
+        else:
+            write_json(settings_path, self.settings)
+        return done
+
+    def append(self, records: Iterable[dict[str, Any]]) -> None:
+        """Store ``records`` (each line is written and flushed as it comes), then put the file
+        in input order."""
+        if self.path is None:
+            self._kept.extend(records)
+            return
+        with JsonlWriter(self.path, append=True) as writer:
+            for record in records:
+                writer.write(record)
+        _put_in_order(self.path)
+
+    def records(self) -> Iterator[dict[str, Any]]:
+        """The records, in input order (read from the file one at a time)."""
+        return iter(self._kept) if self.path is None else iter_jsonl(self.path)
+
+    def write_metrics(self, result: dict[str, Any]) -> None:
+        if self.out_dir is not None:
+            write_json(self.out_dir / METRICS_FILE, result)
+
+
+def _run_settings(
+    classifier: Classifier,
+    items: Sequence[Annotation],
+    instances: Sequence[CAMMethod],
+    layer: str | None,
+    settings: _Settings,
 ) -> dict[str, Any]:
-    methods, curves, per_image = {}, {}, {}
-    for name, state in states.items():
-        values, curves[name], per_image[name] = _method_summary(classifier, state, settings)
+    """Everything the records depend on (a resume must match it)."""
+    content = [[str(a.image), [list(b) for b in a.boxes], a.labels] for a in items]
+    digest = hashlib.sha256(json.dumps(content).encode("utf-8")).hexdigest()
+    return {
+        "model": classifier.name,
+        "annotations_sha256": digest,
+        "n_annotated_images": len(items),
+        "methods": [m.name for m in instances],
+        "layer": layer,
+        "metrics": settings.metrics,
+        **settings.as_dict(),
+    }
+
+
+def _check_same_settings(previous: dict[str, Any], current: dict[str, Any], out_dir: Path) -> None:
+    keys = [k for k in dict.fromkeys([*previous, *current]) if previous.get(k) != current.get(k)]
+    if keys:
+        changes = "; ".join(
+            f"{k}: {_short(previous.get(k))} then, {_short(current.get(k))} now" for k in keys
+        )
+        raise ConfigError(
+            f"cannot resume in {str(out_dir)!r}: the settings differ from the interrupted run's "
+            f"({', '.join(keys)}) - {changes}. Resume with the same settings, or start again "
+            "with --overwrite"
+        )
+
+
+def _short(value: Any, width: int = 60) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _put_in_order(path: Path) -> None:
+    """Rewrite ``path`` in input order with one record per image (the last one written), if
+    it is not already so.
+
+    The file is normally in order already: each run appends its records in input order, and a
+    resume continues after the records of the interrupted run. Otherwise its sorted stretches
+    are merged one line at a time, in bounded memory, into a new file that replaces it.
+    """
+    starts, previous, size = [0], None, 0
+    for index, line in _indexed_lines(path):
+        if previous is not None and index <= previous:
+            starts.append(size)
+        previous, size = index, size + len(line)
+    if len(starts) == 1:
+        return
+    runs = [_indexed_lines(path, start, end) for start, end in pairwise([*starts, size])]
+    with atomic_path(path) as tmp, open(tmp, "wb") as out:
+        pending: tuple[int, bytes] | None = None
+        for entry in heapq.merge(*runs, key=lambda e: e[0]):
+            if pending is not None and pending[0] != entry[0]:
+                out.write(pending[1])
+            pending = entry
+        if pending is not None:
+            out.write(pending[1])
+
+
+def _indexed_lines(
+    path: Path, start: int = 0, end: int | None = None
+) -> Iterator[tuple[int, bytes]]:
+    """``(record index, line)`` for the lines of ``path`` between byte offsets."""
+    with open(path, "rb") as handle:
+        handle.seek(start)
+        position = start
+        for line in handle:
+            if end is not None and position >= end:
+                return
+            position += len(line)
+            yield json.loads(line)["index"], line
+
+
+def _sanity(
+    classifier: Classifier,
+    items: Sequence[Annotation],
+    records: Callable[[], Iterable[dict[str, Any]]],
+    instances: Sequence[CAMMethod],
+    settings: _Settings,
+    n_images: int,
+    layer: str | None,
+    stages: int | Sequence[str] | None,
+) -> dict[str, list[dict]]:
+    """Cascading randomisation of every method on the first ``n_images`` readable images (run
+    here, whatever the engine: it re-initialises copies of the model)."""
+    if not settings.wants("sanity_spearman", "sanity_ssim"):
+        return {}
+    images = []
+    for record in records():
+        if len(images) >= n_images:
+            break
+        if record["status"] == "ok":
+            images.append(load_image(items[record["index"]].image))
+    if not images:
+        return {}
+    x = classifier.preprocess(images)
+    return {
+        method.name: [
+            stage.as_dict()
+            for stage in cascading_randomization(
+                classifier, x, method.name, layer=layer, stages=stages, seed=settings.seed
+            )
+        ]
+        for method in instances
+    }
+
+
+# --- folding the records into the summary ------------------------------------------------------
+
+
+class _MethodFold:
+    """One method's data-set statistics, folded from its per-image values in input order.
+
+    Holds counts and sums (box-accuracy hits per map threshold, the sum of the curves, the
+    pixel histograms) and a few numbers per instance or image; never the per-threshold IoUs
+    or curves of every image.
+    """
+
+    def __init__(self, settings: _Settings) -> None:
+        self.settings = settings
+        n = len(settings.thresholds)
+        self.n_instances = 0
+        self.hits = {delta: np.zeros(n) for delta in (0.5,)}
+        self.hits_v2 = {delta: np.zeros(n) for delta in loc.V2_IOU_THRESHOLDS}
+        self.gt_known: list[bool] = []
+        self.pointing: list[bool] = []
+        self.energy: list[float] = []
+        self.top1: list[bool] = []
+        self.pixels: loc.PixelPrecisionRecall | None = None
+        self.curve_sums: dict[str, np.ndarray] = {}
+        self.areas: dict[str, list[float]] = {"deletion": [], "insertion": []}
+        self.scores: dict[str, list] = {"full": [], "masked": [], "road_morf": [], "road_lerf": []}
+
+    def add(self, values: dict[str, Any]) -> None:
+        """Fold one image's values (a record's ``methods[name]``)."""
+        for instance in values["instances"]:
+            self.n_instances += 1
+            ious = np.asarray(instance["ious"])
+            for delta, hits in self.hits.items():
+                hits += ious >= delta
+            if "ious_all" in instance:
+                ious_all = np.asarray(instance["ious_all"])
+                for delta, hits in self.hits_v2.items():
+                    hits += ious_all >= delta
+            self.gt_known.append(instance["gt_known_loc"])
+            self.pointing.append(instance["pointing_game"])
+            self.energy.append(instance["energy_pointing_game"])
+        self.top1.append(values["top1_loc"])
+        if "pixels" in values:
+            if self.pixels is None:
+                self.pixels = loc.PixelPrecisionRecall(self.settings.thresholds)
+            pixels = values["pixels"]
+            self.pixels.add_counts(pixels["object"], pixels["background"], pixels["n"])
+        for key in ("deletion", "insertion"):
+            if key in values:
+                curve = np.asarray(values[key])
+                self.curve_sums[key] = self.curve_sums.get(key, 0) + curve
+                self.areas[key].append(float(faith.auc(curve)[0]))
+        for key, store in self.scores.items():
+            if key in values:
+                store.append(values[key])
+
+    def summary(self) -> tuple[dict[str, Any], dict[str, Any], int]:
+        """The metric values, the curves, and the best map threshold's index (MaxBoxAcc)."""
+        settings, thresholds = self.settings, self.settings.thresholds
+        values: dict[str, Any] = {}
+        curves: dict[str, Any] = {}
+        best_index = 0
+        if self.n_instances:
+            v1 = _box_accuracy(self.hits, self.n_instances, thresholds)
+            best_index = int(np.argmax(v1.curves[0.5]))
+            values["maxboxacc"] = v1.value
+            values["maxboxacc_threshold"] = v1.best_thresholds[0.5]
+            if settings.wants("maxboxacc"):
+                curves["boxacc"] = {
+                    "thresholds": _floats(thresholds),
+                    "0.5": _floats(v1.curves[0.5]),
+                }
+            if settings.wants("maxboxacc_v2"):
+                v2 = _box_accuracy(self.hits_v2, self.n_instances, thresholds)
+                values["maxboxacc_v2"] = v2.value
+                curves["boxacc_v2"] = {str(d): _floats(c) for d, c in v2.curves.items()}
+            values["gt_known_loc"] = _mean(self.gt_known)
+            values["pointing_game"] = _mean(self.pointing)
+            values["energy_pointing_game"] = _mean(self.energy)
+        values["top1_loc"] = _mean(self.top1)
+        if self.pixels is not None:
+            values["pxap"] = _finite(self.pixels.pxap)
+            values["mask_iou"] = _finite(self.pixels.peak_iou)
+        for key, total in self.curve_sums.items():
+            values[f"{key}_auc"] = float(np.mean(self.areas[key]))
+            curves[key] = _floats(total / len(self.areas[key]))
+        if self.scores["full"]:
+            full, masked = np.asarray(self.scores["full"]), np.asarray(self.scores["masked"])
+            values["average_drop"] = faith.average_drop(full, masked)
+            values["increase_in_confidence"] = faith.increase_in_confidence(full, masked)
+            values["average_gain"] = faith.average_gain(full, masked)
+        if self.scores["road_morf"]:
+            morf = np.asarray(self.scores["road_morf"])
+            lerf = np.asarray(self.scores["road_lerf"])
+            values["road_morf"] = float(morf.mean())
+            values["road_lerf"] = float(lerf.mean())
+            values["road_combined"] = float((lerf.mean() - morf.mean()) / 2)
+            curves["road"] = {
+                "fractions": list(settings.road_fractions),
+                "morf": _floats(morf.mean(axis=0)),
+                "lerf": _floats(lerf.mean(axis=0)),
+            }
+        return values, curves, best_index
+
+
+def _box_accuracy(hits: dict[float, np.ndarray], n: int, thresholds: np.ndarray) -> loc.MaxBoxAcc:
+    """``MaxBoxAcc.from_ious`` from the counts of instances whose IoU reaches each IoU
+    threshold at each map threshold (the same numbers, without keeping every IoU)."""
+    curves = {delta: count / n for delta, count in hits.items()}
+    best = {delta: int(np.argmax(curve)) for delta, curve in curves.items()}
+    per_iou = {delta: float(curves[delta][i]) for delta, i in best.items()}
+    return loc.MaxBoxAcc(
+        value=float(np.mean(list(per_iou.values()))),
+        per_iou=per_iou,
+        best_thresholds={delta: float(thresholds[i]) for delta, i in best.items()},
+        thresholds=thresholds,
+        curves=curves,
+    )
+
+
+def _summarize(
+    records: Callable[[], Iterable[dict[str, Any]]],
+    names: Sequence[str],
+    settings: _Settings,
+    model: str,
+    source: str,
+    sanity: dict[str, list[dict]],
+) -> dict[str, Any]:
+    """The content of ``metrics.json``, folded from the records in input order.
+
+    ``records`` returns a fresh iterator over them: they are read twice, once for the
+    statistics and once for the per-image table (which needs MaxBoxAcc's best threshold).
+    """
+    folds = {name: _MethodFold(settings) for name in names}
+    errors: list[dict[str, str]] = []
+    n_images = 0
+    for record in records():
+        if record["status"] != "ok":
+            errors.append({"image": record["image"], "error": record["error"]})
+            continue
+        n_images += 1
+        for name, fold in folds.items():
+            fold.add(record["methods"][name])
+    methods, curves, best = {}, {}, {}
+    for name, fold in folds.items():
+        values, curves[name], best[name] = fold.summary()
         if sanity.get(name):
             values["sanity_spearman"] = sanity[name][-1]["spearman"]
             values["sanity_ssim"] = sanity[name][-1]["ssim"]
         methods[name] = {key: values.get(key) for key in settings.metrics}
         methods[name].update(_extras(values, settings))
-    first = next(iter(states.values()), None)
+    per_image: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    for record in records():
+        if record["status"] == "ok":
+            for name in names:
+                per_image[name] += _per_image(
+                    record, record["methods"][name], best[name], settings.thresholds
+                )
+    first = next(iter(folds.values()), None)
     return {
         "n_images": n_images,
-        "n_instances": len(first.instances) if first else 0,
+        "n_instances": first.n_instances if first else 0,
         "n_failed": len(errors),
-        "model": classifier.name,
+        "model": model,
         "annotations": source,
         "metrics": settings.metrics,
         "methods": methods,
@@ -632,107 +1096,40 @@ def _summary(
     }
 
 
+def _per_image(
+    record: dict[str, Any], values: dict[str, Any], best_index: int, thresholds: np.ndarray
+) -> list[dict[str, Any]]:
+    """The ``per_image`` rows of one image for one method: one per annotated class, with the
+    IoU at MaxBoxAcc's best map threshold and the image's deletion/insertion areas."""
+    faithful = {
+        f"{key}_auc": float(faith.auc(np.asarray(values[key]))[0])
+        for key in ("deletion", "insertion")
+        if key in values
+    }
+    return [
+        {
+            "image": record["image"],
+            "name": Path(record["image"]).name,
+            "label": instance["label"],
+            "class": instance["class"],
+            "predicted": values["predicted"],
+            "predicted_label": values["predicted_label"],
+            "iou": float(instance["ious"][best_index]),
+            "iou_threshold_map": float(thresholds[best_index]),
+            "gt_known_loc": instance["gt_known_loc"],
+            "pointing_game": instance["pointing_game"],
+            "energy_pointing_game": instance["energy_pointing_game"],
+            **faithful,
+        }
+        for instance in values["instances"]
+    ]
+
+
 def _extras(values: dict[str, Any], settings: _Settings) -> dict[str, Any]:
     """Keys that accompany a metric: the best threshold of MaxBoxAcc."""
     if settings.wants("maxboxacc") and "maxboxacc_threshold" in values:
         return {"maxboxacc_threshold": values["maxboxacc_threshold"]}
     return {}
-
-
-def _method_summary(
-    classifier: Classifier, state: _MethodState, settings: _Settings
-) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
-    instances = state.instances
-    thresholds = settings.thresholds
-    values: dict[str, Any] = {}
-    curves: dict[str, Any] = {}
-    best_index = 0
-    if instances:
-        v1 = loc.MaxBoxAcc.from_ious(np.stack([s.ious for s in instances]), thresholds)
-        best_index = int(np.argmax(v1.curves[0.5]))
-        values["maxboxacc"] = v1.value
-        values["maxboxacc_threshold"] = v1.best_thresholds[0.5]
-        if settings.wants("maxboxacc"):
-            curves["boxacc"] = {
-                "thresholds": _floats(thresholds),
-                "0.5": _floats(v1.curves[0.5]),
-            }
-        if settings.wants("maxboxacc_v2"):
-            v2 = loc.MaxBoxAcc.from_ious(
-                np.stack([s.ious_all for s in instances]), thresholds, loc.V2_IOU_THRESHOLDS
-            )
-            values["maxboxacc_v2"] = v2.value
-            curves["boxacc_v2"] = {str(d): _floats(c) for d, c in v2.curves.items()}
-        values["gt_known_loc"] = _mean([s.gt_known for s in instances])
-        values["pointing_game"] = _mean([s.pointing for s in instances])
-        values["energy_pointing_game"] = _mean([s.energy for s in instances])
-    values["top1_loc"] = _mean(state.top1_hits)
-    if state.pixels is not None:
-        values["pxap"] = _finite(state.pixels.pxap)
-        values["mask_iou"] = _finite(state.pixels.peak_iou)
-    faithful = _faithfulness_summary(state, settings, values, curves)
-    records = [
-        _record(classifier, s, best_index, thresholds, faithful.get(s.image_index, {}))
-        for s in instances
-    ]
-    return values, curves, records
-
-
-def _faithfulness_summary(
-    state: _MethodState, settings: _Settings, values: dict[str, Any], curves: dict[str, Any]
-) -> dict[int, dict[str, float]]:
-    per_image: dict[int, dict[str, float]] = {}
-    for key, store in (("deletion", state.deletion), ("insertion", state.insertion)):
-        if store:
-            curve = np.concatenate(store)
-            areas = faith.auc(curve)
-            values[f"{key}_auc"] = float(areas.mean())
-            curves[key] = _floats(curve.mean(axis=0))
-            for index, area in zip(_images_in_order(state), areas, strict=True):
-                per_image.setdefault(index, {})[f"{key}_auc"] = float(area)
-    if state.full:
-        full, masked = np.concatenate(state.full), np.concatenate(state.masked)
-        values["average_drop"] = faith.average_drop(full, masked)
-        values["increase_in_confidence"] = faith.increase_in_confidence(full, masked)
-        values["average_gain"] = faith.average_gain(full, masked)
-    if state.road_morf:
-        morf, lerf = np.concatenate(state.road_morf), np.concatenate(state.road_lerf)
-        values["road_morf"] = float(morf.mean())
-        values["road_lerf"] = float(lerf.mean())
-        values["road_combined"] = float((lerf.mean() - morf.mean()) / 2)
-        curves["road"] = {
-            "fractions": list(settings.road_fractions),
-            "morf": _floats(morf.mean(axis=0)),
-            "lerf": _floats(lerf.mean(axis=0)),
-        }
-    return per_image
-
-
-def _images_in_order(state: _MethodState) -> list[int]:
-    return list(dict.fromkeys(s.image_index for s in state.instances))
-
-
-def _record(
-    classifier: Classifier,
-    instance: _Instance,
-    best_index: int,
-    thresholds: np.ndarray,
-    faithful: dict[str, float],
-) -> dict[str, Any]:
-    return {
-        "image": instance.image,
-        "name": Path(instance.image).name,
-        "label": instance.label,
-        "class": instance.class_id,
-        "predicted": instance.predicted,
-        "predicted_label": classifier.label(instance.predicted),
-        "iou": float(instance.ious[best_index]),
-        "iou_threshold_map": float(thresholds[best_index]),
-        "gt_known_loc": instance.gt_known,
-        "pointing_game": instance.pointing,
-        "energy_pointing_game": instance.energy,
-        **faithful,
-    }
 
 
 def _mean(values: Sequence[float | bool]) -> float | None:

@@ -173,20 +173,39 @@ def run_explain(
     return RunSummary(len(paths), n_ok, n_error, out_dir, skipped)
 
 
-def prepare_output(out_dir: Path, *, resume: bool, overwrite: bool) -> set[str]:
+def prepare_output(
+    out_dir: Path,
+    *,
+    resume: bool,
+    overwrite: bool,
+    entries: Sequence[str] = OUTPUT_ENTRIES,
+    results: str | None = RESULTS_FILE,
+    key: str = "input",
+) -> set[Any]:
     """Make ``out_dir`` ready; return the inputs already done (for a resume).
 
     A non-empty folder is refused unless ``resume`` or ``overwrite``. ``overwrite`` removes
-    only what camlens writes (``results.jsonl``, ``index.html``, ``overlays/``, ``raw/``,
-    ``figures/``), never other files. ``resume`` drops a torn last line of ``results.jsonl``.
+    only what camlens writes, the files and folders named in ``entries`` (for ``camlens
+    explain``: ``results.jsonl``, ``index.html``, ``overlays/``, ``raw/``, ``figures/``), never
+    other files. ``resume`` drops a torn last line of the record file ``results`` and returns
+    the value of ``key`` of every record in it (an empty set when ``results`` is None: the
+    command keeps its progress elsewhere).
+
+    Example:
+        >>> prepare_output(Path("out"), resume=True, overwrite=False)  # after 2 of 3 inputs
+        {'a.png', 'b.png'}
     """
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite exclude each other; choose one")
     out_dir.mkdir(parents=True, exist_ok=True)
     if resume:
-        return {record["input"] for record in repair_results(out_dir / RESULTS_FILE)}
+        if results is None:
+            return set()
+        path = out_dir / results
+        drop_torn_tail(path)
+        return {record[key] for record in iter_jsonl(path)}
     if overwrite:
-        for name in OUTPUT_ENTRIES:
+        for name in entries:
             target = out_dir / name
             if target.is_dir():
                 shutil.rmtree(target)
@@ -204,35 +223,51 @@ def prepare_output(out_dir: Path, *, resume: bool, overwrite: bool) -> set[str]:
 
 def repair_results(path: Path) -> list[dict[str, Any]]:
     """Read ``results.jsonl``, cutting off a torn (incomplete or unparsable) last line."""
+    drop_torn_tail(path)
+    return list(iter_jsonl(path))
+
+
+def drop_torn_tail(path: Path) -> None:
+    """Cut a JSON-lines file after its last intact line: a line without its newline (the last
+    write was torn) or that does not parse, and everything after it, are removed. Reads one
+    line at a time, so memory does not grow with the file."""
     if not path.exists():
-        return []
-    data = path.read_bytes()
-    records, good_end, start = [], 0, 0
-    while start < len(data):
-        end = data.find(b"\n", start)
-        if end == -1:
-            break  # no newline: the last write was torn
-        try:
-            records.append(json.loads(data[start:end]))
-        except json.JSONDecodeError:
-            break
-        good_end = start = end + 1
-    if good_end != len(data):
+        return
+    good_end = 0
+    with open(path, "rb") as handle:
+        for line in handle:
+            if not line.endswith(b"\n"):
+                break
+            try:
+                json.loads(line)
+            except json.JSONDecodeError:
+                break
+            good_end += len(line)
+        size = handle.seek(0, os.SEEK_END)
+    if good_end != size:
         with open(path, "r+b") as handle:
             handle.truncate(good_end)
-    return records
+
+
+def iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    """The records of a JSON-lines file, one at a time (unparsable lines are skipped; a
+    missing file has none)."""
+    if not path.exists():
+        return
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:
+                continue
 
 
 def read_results(out_dir: str | Path) -> list[dict[str, Any]]:
     """The records of ``out_dir/results.jsonl`` (a torn last line is skipped)."""
-    records = []
-    with open(Path(out_dir) / RESULTS_FILE, encoding="utf-8") as handle:
-        for line in handle:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return records
+    path = Path(out_dir) / RESULTS_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"no {RESULTS_FILE} in {str(out_dir)!r}")
+    return list(iter_jsonl(path))
 
 
 def _finalize_results(out_dir: Path, inputs: list[str]) -> list[dict[str, Any]]:

@@ -5,21 +5,21 @@ that each load the model once (``MapComputer``) and return, per image, its grid 
 thumbnail and size (a few kilobytes, never the input-size maps); the driver folds them into
 the audit statistics in input order (``preserve_order``), exactly as the local engine does,
 so both engines give the same audit. The counterfactual tests (a few hundred forward passes)
-run on the driver. Needs the ``ray`` extra: ``pip install 'camlens[ray]'``; ``address``
-connects to a running cluster (see ``camlens.ray_engine``).
+run on the driver. Ray is started by ``camlens.ray_engine.ordered_map_batches``, the one
+start-up every command shares. Needs the ``ray`` extra: ``pip install 'camlens[ray]'``;
+``address`` connects to a running cluster (see ``camlens.ray_engine``).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
 
 from camlens.audit.maps import AuditItem, MapBatch, MapComputer
-from camlens.errors import ConfigError
 from camlens.models import Classifier, load_model
+from camlens.ray_engine import model_for_actors, ordered_map_batches
 
 __all__ = ["ray_map_batches"]
 
@@ -110,47 +110,14 @@ def ray_map_batches(
     workers: int | None = None,
 ) -> Iterator[MapBatch]:
     """``MapBatch`` objects for ``items``, in order, computed on Ray actors."""
-    try:
-        import ray
-        import ray.data
-    except ImportError as error:
-        raise ConfigError("--engine ray needs the ray extra: pip install 'camlens[ray]'") from error
-    if not items:
-        return
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(
-            address=address,
-            num_cpus=None if address else os.cpu_count(),
-            include_dashboard=False,
-            log_to_driver=False,
-            ignore_reinit_error=True,
-        )
-    try:
-        context = ray.data.DataContext.get_current()
-        context.execution_options.preserve_order = True
-        context.enable_progress_bars = False
-        n_workers = workers or max(1, int(ray.available_resources().get("CPU", 1)))
-        dataset = ray.data.from_items(
-            [{"index": i, "source": s, "cls": _NO_CLASS if c is None else c} for i, s, c in items],
-            override_num_blocks=max(1, min(len(items), n_workers * 4)),
-        )
-        spec = model.name if isinstance(model, Classifier) and _loadable(model) else model
-        mapped = dataset.map_batches(
-            _RayMapper,
-            fn_constructor_kwargs={"model": spec, "method": method, "layer": layer, "grid": grid},
-            batch_size=batch_size,
-            concurrency=n_workers,
-            num_cpus=1,
-        )
-        for rows in mapped.iter_batches(batch_size=batch_size, batch_format="numpy"):
-            yield _batch(rows, grid)
-    finally:
-        if started_here:
-            ray.shutdown()
-
-
-def _loadable(classifier: Classifier) -> bool:
-    """Whether actors can rebuild the model from its name (a trained-model folder) instead of
-    receiving the pickled module."""
-    return os.path.isdir(classifier.name) and classifier.info.get("config") is not None
+    spec = model_for_actors(model) if isinstance(model, Classifier) else model
+    batches = ordered_map_batches(
+        [{"index": i, "source": s, "cls": _NO_CLASS if c is None else c} for i, s, c in items],
+        _RayMapper,
+        {"model": spec, "method": method, "layer": layer, "grid": grid},
+        batch_size,
+        address=address,
+        workers=workers,
+    )
+    for rows in batches:
+        yield _batch(rows, grid)

@@ -37,6 +37,48 @@ def style_options(function):
     )(function)
 
 
+def engine_options(function):
+    """``--engine``, ``--ray-address``, ``--workers``, ``--resume`` and ``--overwrite``: where a
+    batch command runs and what it does with an output folder that is not empty.
+
+    The command receives ``engine``, ``ray_address``, ``workers``, ``resume`` and
+    ``overwrite``.
+    """
+    options = [
+        click.option(
+            "--engine",
+            type=click.Choice(["local", "ray"]),
+            default="local",
+            show_default=True,
+            help="local: this process. ray: Ray actors (needs camlens[ray]); see --ray-address.",
+        ),
+        click.option(
+            "--ray-address",
+            default=None,
+            help="Address of an existing Ray cluster (HEAD:6379); default: start a local Ray.",
+        ),
+        click.option(
+            "--workers",
+            default=None,
+            type=click.IntRange(min=1),
+            help="Ray actors (default: one per CPU).",
+        ),
+        click.option(
+            "--resume",
+            is_flag=True,
+            help="Continue an interrupted run in --out (same settings): skip what is done.",
+        ),
+        click.option(
+            "--overwrite",
+            is_flag=True,
+            help="Replace camlens' previous outputs in a non-empty --out.",
+        ),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
 def make_style(colormap: str, alpha: float, threshold: float) -> Style:
     """A validated ``Style`` (an unknown colormap fails here, before any work)."""
     from camlens.render import colorize

@@ -6,7 +6,13 @@ from pathlib import Path
 
 import click
 
-from camlens.cli.common import EXIT_OK, EXIT_USAGE, load_classifier, run_or_exit
+from camlens.cli.common import (
+    EXIT_OK,
+    EXIT_USAGE,
+    engine_options,
+    load_classifier,
+    run_or_exit,
+)
 from camlens.errors import ConfigError
 from camlens.models import DEFAULT_MODEL, available_models
 
@@ -18,7 +24,8 @@ from camlens.models import DEFAULT_MODEL, available_models
     "out_dir",
     required=True,
     type=click.Path(path_type=Path),
-    help="Output folder (created): metrics.json, report.html, curves/, gallery/.",
+    help="Output folder (created): metrics.json, report.html, curves/, gallery/, "
+    "evaluation.jsonl (one record per image) and evaluation.json (the settings).",
 )
 @click.option(
     "--model",
@@ -108,6 +115,7 @@ from camlens.models import DEFAULT_MODEL, available_models
     help="Images used by the sanity check (with --metrics sanity).",
 )
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed (ROAD, sanity).")
+@engine_options
 def evaluate(
     annotations: Path,
     out_dir: Path,
@@ -126,40 +134,58 @@ def evaluate(
     gallery: int,
     sanity_images: int,
     seed: int,
+    engine: str,
+    ray_address: str | None,
+    workers: int | None,
+    resume: bool,
+    overwrite: bool,
 ) -> None:
     """Score heat-map methods on annotated images: metrics.json and report.html.
 
     ANNOTATIONS is a CSV (image,x0,y0,x1,y1,label), a COCO .json, Pascal VOC .xml files or a
     folder with images/ and masks/. Labels are the model's class names.
 
+    Each image's numbers are appended to OUT/evaluation.jsonl as its batch completes, so a
+    killed run continues with --resume (same settings; images already recorded are skipped).
+    A non-empty --out is refused unless --resume or --overwrite. --engine ray spreads the
+    images over Ray actors with the same results.
+
     \b
     Example (hand-drawn boxes of the bundled photos, shipped in the repository):
       camlens evaluate data/sample_boxes.csv --samples --out eval_out
+      camlens evaluate boxes.csv --out eval_out --engine ray --resume
 
     Exit status: 0 evaluated (unreadable images are listed in metrics.json), 2 usage or
     configuration error, or no image could be evaluated.
     """
+    from camlens.evaluation import OUTPUT_ENTRIES, RECORDS_FILE, make_methods
     from camlens.evaluation import evaluate as run_evaluation
-    from camlens.evaluation import make_methods
     from camlens.io.annotations import load_annotations
     from camlens.report.evaluate import write_evaluation_report
-    from camlens.writers import write_json
+    from camlens.runner import prepare_output
 
     def job() -> dict:
         root = image_root
+        continuing = resume
         if samples:
             if image_root is not None:
                 raise ConfigError("use either --samples or --images, not both")
             from camlens.io.samples import write_samples
 
+            # The photos go into OUT, and must be there before the annotations are read: check
+            # the folder first, then let the evaluation continue in it.
+            prepare_output(
+                out_dir, resume=resume, overwrite=overwrite, entries=OUTPUT_ENTRIES,
+                results=RECORDS_FILE, key="index",
+            )  # fmt: skip
             write_samples(out_dir / "samples")
-            root = out_dir / "samples"
-        items = load_annotations(annotations, image_root=root)
+            root, continuing = out_dir / "samples", True
         classifier = load_classifier(model_spec, device)
         instances = {m.name: m for m in make_methods(classifier, methods, layer)}
         result = run_evaluation(
             classifier,
-            items,
+            annotations,
+            image_root=root,
             methods=list(instances.values()),
             metrics=metrics,
             layer=layer,
@@ -171,14 +197,18 @@ def evaluate(
             sanity_images=sanity_images,
             seed=seed,
             progress=True,
+            out_dir=out_dir,
+            resume=continuing,
+            overwrite=overwrite and not samples,
+            engine=engine,
+            ray_address=ray_address,
+            workers=workers,
         )
-        result["annotations"] = str(annotations)
-        write_json(out_dir / "metrics.json", result)
         write_evaluation_report(
             out_dir,
             result,
             classifier=classifier,
-            annotations=items,
+            annotations=load_annotations(annotations, image_root=root) if gallery else None,
             gallery=gallery,
             methods=instances,
         )

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from camlens.cli.common import (
+    engine_options,
     finish,
     load_classifier,
     make_style,
@@ -59,27 +60,7 @@ from camlens.runner import run_explain
     type=click.FloatRange(0.0, 1.0, max_open=True),
     help="Box threshold: fraction of the map's maximum (Zhou 2016).",
 )
-@click.option(
-    "--engine",
-    type=click.Choice(["local", "ray"]),
-    default="local",
-    show_default=True,
-    help="local: this process. ray: Ray actors (needs camlens[ray]); see --ray-address.",
-)
-@click.option(
-    "--ray-address",
-    default=None,
-    help="Address of an existing Ray cluster (HEAD:6379); default: start a local Ray.",
-)
-@click.option(
-    "--workers", default=None, type=click.IntRange(min=1), help="Ray actors (default: one per CPU)."
-)
-@click.option(
-    "--resume", is_flag=True, help="Continue an interrupted run in --out: skip inputs already done."
-)
-@click.option(
-    "--overwrite", is_flag=True, help="Replace camlens' previous outputs in a non-empty --out."
-)
+@engine_options
 def explain(
     inputs: tuple[Path, ...],
     out_dir: Path,

@@ -399,6 +399,32 @@ class PixelPrecisionRecall:
         self.background_hist += np.histogram(heatmap[~mask], bins=self.edges)[0]
         self.n_images += 1
 
+    def add_counts(
+        self, object_hist: Sequence[float], background_hist: Sequence[float], n_images: int = 1
+    ) -> None:
+        """Add pixel counts made elsewhere: the ``object_hist`` and ``background_hist`` of
+        another ``PixelPrecisionRecall`` on the same threshold grid (the histograms are
+        additive, so images can be measured in other processes and pooled here).
+
+        Example:
+            >>> part = PixelPrecisionRecall(); part.add(np.array([[1.0, 0.0]]), np.array([[1, 0]]))
+            >>> pooled = PixelPrecisionRecall()
+            >>> pooled.add_counts(part.object_hist, part.background_hist, part.n_images)
+            >>> pooled.pxap
+            1.0
+        """
+        object_hist = np.asarray(object_hist, dtype=np.float64)
+        background_hist = np.asarray(background_hist, dtype=np.float64)
+        bins = len(self.object_hist)
+        if object_hist.shape != (bins,) or background_hist.shape != (bins,):
+            raise ValueError(
+                f"histograms of {object_hist.shape} and {background_hist.shape} bins do not fit "
+                f"this threshold grid's {bins} bins; pool counts made on the same thresholds"
+            )
+        self.object_hist += object_hist
+        self.background_hist += background_hist
+        self.n_images += n_images
+
     def _counts(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         # Reversed cumulative sums: entry j counts the pixels at or above edges[-2 - j].
         tp = self.object_hist[::-1].cumsum()
