@@ -264,7 +264,7 @@ def test_resume_with_other_settings_is_refused_naming_them(tmp_path):
         )  # fmt: skip
     (out / RECORDS_FILE).write_text((out / RECORDS_FILE).read_text().splitlines()[0] + "\n")
     (out / "evaluation.json").unlink()
-    with pytest.raises(ConfigError, match=r"evaluation\.json is missing"):
+    with pytest.raises(ConfigError, match=r"has no evaluation\.json"):
         evaluate(colour_classifier(), csv, methods=["cam"], out_dir=out, resume=True)
     with pytest.raises(ConfigError, match="give out_dir"):
         evaluate(colour_classifier(), csv, methods=["cam"], resume=True)

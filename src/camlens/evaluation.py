@@ -70,7 +70,7 @@ from camlens.metrics import faithfulness as faith
 from camlens.metrics import localization as loc
 from camlens.metrics.sanity import cascading_randomization
 from camlens.models import Classifier, load_model
-from camlens.runner import chunks, iter_jsonl, prepare_output
+from camlens.runner import chunks, iter_jsonl, prepare_output, record_run_settings
 from camlens.targets import class_index
 from camlens.writers import JsonlWriter, atomic_path, write_json
 
@@ -775,18 +775,9 @@ class _RecordStore:
             self.out_dir, resume=resume, overwrite=overwrite, entries=OUTPUT_ENTRIES,
             results=RECORDS_FILE, key="index",
         )  # fmt: skip
-        settings_path = self.out_dir / SETTINGS_FILE
-        if resume and settings_path.exists():
-            _check_same_settings(
-                json.loads(settings_path.read_text(encoding="utf-8")), self.settings, self.out_dir
-            )
-        elif done:
-            raise ConfigError(
-                f"{str(self.path)!r} has records but {SETTINGS_FILE} is missing, so they cannot "
-                "be checked against this run's settings; use --overwrite to start again"
-            )
-        else:
-            write_json(settings_path, self.settings)
+        record_run_settings(
+            self.out_dir, SETTINGS_FILE, self.settings, resume=resume, has_results=bool(done)
+        )
         return done
 
     def append(self, records: Iterable[dict[str, Any]]) -> None:
@@ -828,24 +819,6 @@ def _run_settings(
         "metrics": settings.metrics,
         **settings.as_dict(),
     }
-
-
-def _check_same_settings(previous: dict[str, Any], current: dict[str, Any], out_dir: Path) -> None:
-    keys = [k for k in dict.fromkeys([*previous, *current]) if previous.get(k) != current.get(k)]
-    if keys:
-        changes = "; ".join(
-            f"{k}: {_short(previous.get(k))} then, {_short(current.get(k))} now" for k in keys
-        )
-        raise ConfigError(
-            f"cannot resume in {str(out_dir)!r}: the settings differ from the interrupted run's "
-            f"({', '.join(keys)}) - {changes}. Resume with the same settings, or start again "
-            "with --overwrite"
-        )
-
-
-def _short(value: Any, width: int = 60) -> str:
-    text = json.dumps(value)
-    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def _put_in_order(path: Path) -> None:

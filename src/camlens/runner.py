@@ -39,7 +39,7 @@ from camlens.models import Classifier, load_model
 from camlens.render import save_figure, topk_figure
 from camlens.report.gallery import write_gallery
 from camlens.targets import Target
-from camlens.writers import JsonlWriter, write_npz, write_png, write_text
+from camlens.writers import JsonlWriter, write_json, write_npz, write_png, write_text
 
 RESULTS_FILE = "results.jsonl"
 OUTPUT_ENTRIES = (RESULTS_FILE, "index.html", "overlays", "raw", "figures")
@@ -219,6 +219,62 @@ def prepare_output(
             "outputs, or choose another --out"
         )
     return set()
+
+
+def record_run_settings(
+    out_dir: Path, name: str, settings: dict[str, Any], *, resume: bool, has_results: bool
+) -> None:
+    """Keep a run's ``settings`` in ``out_dir/name``; on a resume, check them against the
+    interrupted run's instead.
+
+    Parameters:
+        out_dir: the output folder (after ``prepare_output``).
+        name: the settings file, e.g. ``"evaluation.json"``.
+        settings: JSON-ready values that must not change between a run and its resume.
+        resume: whether this run continues an interrupted one.
+        has_results: whether the folder already holds files a resume would build on (without
+            a settings file to vouch for them, a resume is refused).
+
+    Raises:
+        ConfigError: on a resume, the settings differ from the file's (the message names the
+            keys), or ``has_results`` but no settings file to check them against.
+    """
+    path = out_dir / name
+    if resume and path.exists():
+        check_same_settings(json.loads(path.read_text(encoding="utf-8")), settings, out_dir)
+        return
+    if resume and has_results:
+        raise ConfigError(
+            f"cannot resume in {str(out_dir)!r}: it has no {name}, so what it holds cannot be "
+            "checked against this run's settings; use --overwrite to start again there (it "
+            "keeps files that camlens did not write), or choose another --out"
+        )
+    write_json(path, settings)
+
+
+def check_same_settings(previous: dict[str, Any], current: dict[str, Any], out_dir: Path) -> None:
+    """Refuse to resume when the settings differ from the interrupted run's.
+
+    Example:
+        >>> check_same_settings({"seed": 0}, {"seed": 1}, Path("out"))
+        Traceback (most recent call last):
+        ConfigError: cannot resume in 'out': the settings differ ... (seed) - seed: 0 then, 1 now...
+    """
+    keys = [k for k in dict.fromkeys([*previous, *current]) if previous.get(k) != current.get(k)]
+    if keys:
+        changes = "; ".join(
+            f"{k}: {_short(previous.get(k))} then, {_short(current.get(k))} now" for k in keys
+        )
+        raise ConfigError(
+            f"cannot resume in {str(out_dir)!r}: the settings differ from the interrupted run's "
+            f"({', '.join(keys)}) - {changes}. Resume with the same settings, or start again "
+            "with --overwrite"
+        )
+
+
+def _short(value: Any, width: int = 60) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def repair_results(path: Path) -> list[dict[str, Any]]:

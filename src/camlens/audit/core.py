@@ -10,10 +10,18 @@
    regions of the same size.
 4. **Report**: ``audit.json`` (classes and flags, the flags sorted by severity) and
    ``report.html`` (``camlens.report.audit``).
+
+With an output folder, the map pass (step 1's expensive part) is stored batch by batch in
+``OUT/maps/`` and the run's settings in ``OUT/audit_run.json`` (``camlens.audit.checkpoint``):
+a killed audit continues with ``resume=True``, computing only the batches not yet stored, and
+ends with the result of an uninterrupted run. The rest (folding the stored maps, steps 2, 3
+and 4) is fast and is redone.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import sys
 import time
@@ -27,6 +35,13 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from camlens.audit.checkpoint import (
+    PARTS_DIR,
+    RUN_FILE,
+    MapParts,
+    checkpointed_batches,
+    run_settings,
+)
 from camlens.audit.confirm import Confirmation, ConfirmRule, confirm_hotspot, predict_probs
 from camlens.audit.data import AuditItems, resolve_audit_classes, resolve_audit_items
 from camlens.audit.find import Hotspot, MapAccumulator, TopCellSpool, find_hotspots, heat_share
@@ -36,12 +51,15 @@ from camlens.data.imagefolder import load_images
 from camlens.errors import ConfigError
 from camlens.io.annotations import Annotation, load_annotations
 from camlens.models import Classifier, load_model
+from camlens.runner import prepare_output, record_run_settings
 from camlens.writers import write_json
 
 __all__ = ["ENGINES", "AuditArtifacts", "AuditSettings", "describe_place", "run_audit"]
 
 ENGINES = ("local", "ray")
 AUDIT_FILE = "audit.json"
+#: Everything ``camlens audit`` writes into its output folder (what ``overwrite`` removes).
+OUTPUT_ENTRIES = (AUDIT_FILE, "report.html", "figures", PARTS_DIR, RUN_FILE)
 
 
 @dataclass(frozen=True)
@@ -132,6 +150,8 @@ def run_audit(
     report: bool = True,
     ray_address: str | None = None,
     workers: int | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Audit ``model`` on the images of ``data`` for shortcuts; write ``audit.json`` and
     ``report.html`` into ``out_dir``.
@@ -141,6 +161,9 @@ def run_audit(
         data: an ImageFolder (true classes from the folders) or a folder of images (classes
             from the model's predictions); see ``camlens.audit.data``.
         out_dir: output folder (created); None writes nothing and only returns the result.
+            Besides ``audit.json``, ``report.html`` and ``figures/`` it holds the stored map
+            pass (``maps/``) and the run's settings (``audit_run.json``). A non-empty folder
+            is refused unless ``resume`` or ``overwrite``.
         method: map method (``"cam"`` is exact on GAP + linear heads).
         layer: feature layer (default: found automatically).
         classes: audit only these classes (names); the others still serve as recipients.
@@ -155,6 +178,11 @@ def run_audit(
         settings: detection and decision parameters (``AuditSettings``).
         progress: progress bar on stderr.
         report: also write ``report.html`` and its figures.
+        ray_address, workers: configure the Ray engine (see ``camlens.ray_engine``).
+        resume: continue an interrupted audit in ``out_dir`` (same settings): stored map
+            batches are read back, only the missing ones are computed; the result equals an
+            uninterrupted run's.
+        overwrite: remove camlens' previous audit outputs from ``out_dir`` (never other files).
 
     Returns:
         The content of ``audit.json``: ``{"classes": {label: {...}}, "flags": [...],
@@ -164,7 +192,8 @@ def run_audit(
 
     Raises:
         ConfigError: bad parameters, a data folder without images, class folders that are
-            not classes of the model.
+            not classes of the model, a non-empty ``out_dir`` without ``resume`` or
+            ``overwrite``, both, or a resume with other settings than the interrupted run's.
 
     Example:
         >>> result = run_audit("runs/shapes", "shapes/images", "audit_out")  # tag top right
@@ -176,6 +205,8 @@ def run_audit(
         raise ConfigError(f"unknown engine {engine!r}; choose one of: {', '.join(ENGINES)}")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
+    if out_dir is None and (resume or overwrite):
+        raise ConfigError("resume and overwrite apply to an output folder; give out_dir")
     started = time.perf_counter()
     classifier = model if isinstance(model, Classifier) else load_model(model, device=device)
     labels = list(classifier.labels)
@@ -184,6 +215,23 @@ def run_audit(
     )
     audited = resolve_audit_classes(classes, labels)
     annotation_list = _annotations(annotations)
+    parts = None
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        prepare_output(
+            out_dir, resume=resume, overwrite=overwrite, entries=OUTPUT_ENTRIES, results=None
+        )
+        recorded = run_settings(
+            classifier, items.paths, items.classes, method=method, layer=layer,
+            data=str(Path(data).resolve()), labels_from=items.labels_from, max_images=max_images,
+            seed=seed, classes=None if audited is None else [labels[i] for i in sorted(audited)],
+            annotations=_describe_annotations(annotations, annotation_list),
+            batch_size=batch_size, **asdict(settings),
+        )  # fmt: skip
+        record_run_settings(
+            out_dir, RUN_FILE, recorded, resume=resume, has_results=any(out_dir.iterdir())
+        )
+        parts = MapParts(out_dir / PARTS_DIR)
     by_image = {str(Path(a.image).resolve()): a for a in annotation_list}
     accumulator = MapAccumulator(grid=settings.grid, top_fraction=settings.top_fraction)
     reservoirs = ClassReservoirs(settings.spray_maps, seed)
@@ -197,10 +245,14 @@ def run_audit(
             for i, path in enumerate(items.paths)
         ]
         bar = tqdm(total=len(work), unit="img", file=sys.stderr, disable=not progress)
+
+        def compute(todo: list[AuditItem]) -> Iterator[MapBatch]:
+            return _map_batches(
+                classifier, method, layer, settings, todo, batch_size, engine, ray_address, workers
+            )
+
         with bar:
-            for batch in _map_batches(
-                classifier, method, layer, settings, work, batch_size, engine, ray_address, workers
-            ):
+            for batch in checkpointed_batches(work, batch_size, parts, compute):
                 errors.extend({"input": s, "error": m} for _, s, m in batch.errors)
                 if len(batch.indices):
                     layer_used = batch.layer or layer_used
@@ -219,8 +271,6 @@ def run_audit(
     )  # fmt: skip
     result["seconds"] = round(time.perf_counter() - started, 2)
     if out_dir is not None:
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
         if report:
             from camlens.report.audit import write_audit_report
 
@@ -236,6 +286,16 @@ def _annotations(annotations: Any) -> list[Annotation]:
     if isinstance(annotations, (str, os.PathLike)):
         return load_annotations(annotations)
     return list(annotations)
+
+
+def _describe_annotations(annotations: Any, annotation_list: list[Annotation]) -> str | None:
+    """The annotations as ``audit_run.json`` records them: the file, or a digest of a list."""
+    if annotations is None:
+        return None
+    if isinstance(annotations, (str, os.PathLike)):
+        return str(Path(annotations).resolve())
+    content = [[str(a.image), [list(b) for b in a.boxes], a.labels] for a in annotation_list]
+    return "sha256:" + hashlib.sha256(json.dumps(content).encode("utf-8")).hexdigest()
 
 
 def _map_batches(

@@ -7,7 +7,14 @@ from typing import Any
 
 import click
 
-from camlens.cli.common import EXIT_OK, EXIT_USAGE, load_classifier, model_options, run_or_exit
+from camlens.cli.common import (
+    EXIT_OK,
+    EXIT_USAGE,
+    engine_options,
+    load_classifier,
+    model_options,
+    run_or_exit,
+)
 from camlens.methods import METHODS
 
 
@@ -18,7 +25,8 @@ from camlens.methods import METHODS
     "out_dir",
     required=True,
     type=click.Path(path_type=Path, file_okay=False),
-    help="Output folder (created): audit.json, report.html, figures/.",
+    help="Output folder (created): audit.json, report.html, figures/, maps/ (the stored map "
+    "batches) and audit_run.json (the settings).",
 )
 @model_options
 @click.option(
@@ -65,21 +73,6 @@ from camlens.methods import METHODS
 )
 @click.option("--device", default="cpu", show_default=True, help="Torch device: cpu, cuda, ...")
 @click.option(
-    "--engine",
-    type=click.Choice(["local", "ray"]),
-    default="local",
-    show_default=True,
-    help="local: this process. ray: maps computed by Ray actors (needs camlens[ray]).",
-)
-@click.option(
-    "--ray-address",
-    default=None,
-    help="Address of an existing Ray cluster (HEAD:6379); default: start a local Ray.",
-)
-@click.option(
-    "--workers", default=None, type=click.IntRange(min=1), help="Ray actors (default: one per CPU)."
-)
-@click.option(
     "--confirm-images",
     default=100,
     show_default=True,
@@ -94,6 +87,7 @@ from camlens.methods import METHODS
     help="How the erase test removes a region: blur it away or fill it with the mean colour.",
 )
 @click.option("--seed", default=0, show_default=True, type=int, help="Seeds samples and tests.")
+@engine_options
 def audit(
     data: Path,
     out_dir: Path,
@@ -109,12 +103,14 @@ def audit(
     max_images: int | None,
     batch_size: int,
     device: str,
-    engine: str,
-    ray_address: str | None,
-    workers: int | None,
     confirm_images: int,
     erase: str,
     seed: int,
+    engine: str,
+    ray_address: str | None,
+    workers: int | None,
+    resume: bool,
+    overwrite: bool,
 ) -> None:
     """Search a data set for shortcuts the model uses: audit.json and report.html.
 
@@ -125,12 +121,20 @@ def audit(
     does it make the model say the class? Erased, does the confidence fall? Both against
     random regions of the same size.
 
+    The maps of each batch are stored in OUT/maps/ as they are made, so a killed audit
+    continues with --resume (same settings, checked against OUT/audit_run.json): stored
+    batches are read back, only the missing ones are computed, and the result is the one an
+    uninterrupted run gives. A non-empty --out is refused unless --resume or --overwrite
+    (which removes only camlens' audit outputs). --engine ray computes the maps on Ray actors
+    with the same result.
+
     \b
     Example (a data set with a planted shortcut, and a model trained on it):
       camlens make-dataset shapes shapes --shortcut corner-tag --shortcut-class square
       camlens train shapes/images --out shapes_model --epochs 8
       camlens audit shapes/images --model shapes_model --annotations shapes/annotations.csv \\
         --out shapes_audit
+      (killed? the same command with --resume continues it)
 
     Exit status: 0 the audit ran (flags are findings, not errors), 2 usage or configuration
     error, or no image could be read.
@@ -160,6 +164,8 @@ def audit(
             progress=True,
             ray_address=ray_address,
             workers=workers,
+            resume=resume,
+            overwrite=overwrite,
         )
 
     result = run_or_exit(job)
