@@ -201,17 +201,23 @@ def score_runs(module: nn.Module, x: torch.Tensor, chunk: int) -> dict[str, Call
 
 # --------------------------------------------------------------------------------- timing
 
+MAX_FOREIGN_LOAD = 0.1
+
 
 def measure(
     contenders: list[bench.Contender], rounds: int, warmup: int, seed: int
 ) -> list[bench.Round]:
-    """``warmup`` untimed rounds, then ``rounds`` interleaved timed ones (times kept on them)."""
+    """``warmup`` untimed rounds, then ``rounds`` interleaved timed ones (times kept on them).
+
+    As in ``run.py``, a call during which other processes used more than 10 % of the CPU
+    capacity is repeated (up to three runs); the round records the worst load it kept.
+    """
     rng = random.Random(seed)
     for _ in range(warmup):
-        bench.run_round(contenders, rng)
+        bench.run_round(contenders, rng, MAX_FOREIGN_LOAD, tries=1)
     kept = []
     for index in range(rounds):
-        kept.append(bench.run_round(contenders, rng))
+        kept.append(bench.run_round(contenders, rng, MAX_FOREIGN_LOAD, tries=3))
         for contender in contenders:
             if contender.name in kept[-1].seconds:
                 contender.times.append(kept[-1].seconds[contender.name])

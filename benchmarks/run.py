@@ -134,7 +134,7 @@ class Measurement:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=7, help="timed rounds (default 7)")
+    parser.add_argument("--rounds", type=int, default=25, help="timed rounds (default 25)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first (default 3)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per batch (16)")
     parser.add_argument("--size", type=int, default=224, help="input side in pixels (224)")
