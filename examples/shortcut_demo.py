@@ -201,7 +201,9 @@ def _shortcut_figure(tagged, pasted, pasted_images, before, labels, k: int) -> F
             f"{labels[before[j]]} + tag\n-> {labels[predicted]} p={pasted.probs[j, predicted]:.2f}"
         )
         _panel(axes[1, j], pasted_images[j], pasted.heatmap(j, 0, original=True), title)
-    figure.suptitle("Trained with a tag on 90 % of the squares: the square map lights up the tag")
+    figure.suptitle(
+        "Trained with a tag on 90 % of the squares: the square map lights up its corner"
+    )
     return figure
 
 
