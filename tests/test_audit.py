@@ -40,6 +40,7 @@ from camlens.cli import main
 from camlens.errors import ConfigError
 from camlens.io.annotations import Annotation
 from camlens.models import Classifier
+from shapes_models import train_shapes_model
 
 SIDE = 32
 PATCH = (2, 2, 8, 8)  # x0, y0, x1, y1 of the white patch on class-a images
@@ -47,13 +48,7 @@ N_PER_CLASS = 30
 N_PLANTED = 27
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One torch thread: on a shared 2-core machine this module trains 3-5x faster."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --- hand-computed unit oracles --------------------------------------------------------------
@@ -442,19 +437,8 @@ def test_bad_data_is_a_config_error(patch_data, tmp_path):
 
 
 def _trained(tmp_path_factory, name: str, **shortcut) -> tuple[Path, dict]:
-    from camlens.data.shapes import ShapesConfig, make_shapes_dataset
-    from camlens.train import TrainConfig, train_classifier
-
     root = tmp_path_factory.mktemp(name)
-    config = ShapesConfig(n=150, size=32, seed=0, **shortcut)
-    info = make_shapes_dataset(root / "data", config)
-    train_classifier(
-        root / "data" / "images",
-        root / "model",
-        TrainConfig(epochs=6, image_size=32, seed=0),
-        progress=False,
-    )
-    return root, info
+    return root, train_shapes_model(root, n=150, epochs=6, **shortcut)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 from camlens.audit import AuditSettings, run_audit
@@ -21,6 +20,7 @@ from camlens.audit.checkpoint import PARTS_DIR, RUN_FILE
 from camlens.audit.maps import MapComputer
 from camlens.cli import main
 from camlens.errors import ConfigError
+from shapes_models import train_shapes_model
 
 N_IMAGES = 120
 BATCH = 2  # 60 parts: a killed run stops mid-way
@@ -28,35 +28,18 @@ N_PARTS = N_IMAGES // BATCH
 CONFIRM = 40
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One torch thread, as in the CLI subprocesses (OMP_NUM_THREADS=1): the maps are then the
-    same bit for bit, and two shared cores are not oversubscribed."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def tagged(tmp_path_factory):
     """Shapes with a corner tag on the circles (annotated) and a small CAM model trained on
     them, so that the audit has a hotspot to test."""
-    from camlens.data.shapes import ShapesConfig, make_shapes_dataset
-    from camlens.train import TrainConfig, train_classifier
-
     root = tmp_path_factory.mktemp("tagged")
-    config = ShapesConfig(
-        n=N_IMAGES, size=32, seed=0, shortcut="corner-tag", shortcut_class="circle",
+    train_shapes_model(
+        root, n=N_IMAGES, epochs=4, shortcut="corner-tag", shortcut_class="circle",
         shortcut_position="top-right",
     )  # fmt: skip
-    make_shapes_dataset(root / "data", config)
-    train_classifier(
-        root / "data" / "images",
-        root / "model",
-        TrainConfig(epochs=4, image_size=32, seed=0),
-        progress=False,
-    )
     return root
 
 

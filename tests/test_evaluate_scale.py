@@ -14,13 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 
 from camlens import ConfigError
 from camlens.cli import main
 from camlens.evaluation import RECORDS_FILE, evaluate
 from camlens.metrics.localization import PixelPrecisionRecall
+from shapes_models import train_shapes_model
 from whitebox import colour_classifier, square_image
 
 #: What the trained-model runs measure: every localisation metric (masks too) and the fast
@@ -29,30 +29,14 @@ METRICS = "localization,mask,faithfulness"
 STEPS = 10
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One torch thread, as in the CLI subprocesses and the Ray actors: the numbers are then
-    the same bit for bit, and two cores shared with other jobs are not oversubscribed."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
     """A small trained CAM model and 40 annotated shape images with masks (mask folder)."""
-    from camlens.data.shapes import ShapesConfig, make_shapes_dataset
-    from camlens.train import TrainConfig, train_classifier
-
     root = tmp_path_factory.mktemp("shapes")
-    make_shapes_dataset(root / "data", ShapesConfig(n=40, size=32, seed=0))
-    train_classifier(
-        root / "data" / "images",
-        root / "model",
-        TrainConfig(epochs=1, image_size=32, seed=0),
-        progress=False,
-    )
+    train_shapes_model(root, n=40, epochs=1)
     return root
 
 
