@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from camlens.cli import main
-from camlens.runner import repair_results, run_explain
+from camlens.runner import chunks, prefetched, repair_results, run_explain
 
 
 def _noise_images(folder: Path, n: int, size: int = 48) -> list[Path]:
@@ -121,3 +122,24 @@ def test_ray_engine_equals_local_engine(tmp_path, builtin_model):
         assert [m["box"] for m in a["maps"]] == [m["box"] for m in b["maps"]]
         with np.load(local / a["raw"]) as x, np.load(remote / b["raw"]) as y:
             np.testing.assert_allclose(x["raw"], y["raw"], rtol=1e-4, atol=1e-4)
+
+
+def test_prefetched_loads_the_next_batch_while_the_current_one_is_used():
+    started = {i: threading.Event() for i in range(5)}
+    release = threading.Event()
+
+    def load(i: int) -> int:
+        started[i].set()
+        if i >= 2:  # the second batch waits until the test has seen it start
+            assert release.wait(10)
+        return i * 10
+
+    batches = prefetched(chunks(range(5), 2), load)
+    batch, values = next(batches)
+    assert (list(batch), values) == ([0, 1], [0, 10])
+    # The second batch is already loading while the caller holds the first.
+    assert started[2].wait(10) and started[3].wait(10)
+    assert not started[4].is_set()  # ... but not the third: one batch ahead only
+    release.set()
+    assert [(list(b), v) for b, v in batches] == [([2, 3], [20, 30]), ([4], [40])]
+    assert list(prefetched([], load)) == []

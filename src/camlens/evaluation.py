@@ -70,7 +70,7 @@ from camlens.metrics import faithfulness as faith
 from camlens.metrics import localization as loc
 from camlens.metrics.sanity import cascading_randomization
 from camlens.models import Classifier, load_model
-from camlens.runner import chunks, iter_jsonl, prepare_output, record_run_settings
+from camlens.runner import chunks, iter_jsonl, prefetched, prepare_output, record_run_settings
 from camlens.targets import class_index
 from camlens.writers import JsonlWriter, atomic_path, write_json
 
@@ -506,14 +506,27 @@ class _BatchEvaluator:
 
     def records(self, batch: Sequence[WorkItem]) -> list[dict[str, Any]]:
         """One record per item of ``batch``, in order."""
+        return self.measure(batch, [self.load(work) for work in batch])
+
+    @staticmethod
+    def load(work: WorkItem) -> Image.Image | ImageLoadError:
+        """The decoded image of one item, or the error that prevented it."""
+        try:
+            return _load(work[1])
+        except ImageLoadError as error:
+            return error
+
+    def measure(
+        self, batch: Sequence[WorkItem], images: Sequence[Image.Image | ImageLoadError]
+    ) -> list[dict[str, Any]]:
+        """The records of ``batch`` from its ``images`` (as ``load`` returns them), in order."""
         records: dict[int, dict[str, Any]] = {}
         loaded: list[tuple[WorkItem, Image.Image]] = []
-        for work in batch:
-            index, item, _ = work
-            try:
-                loaded.append((work, _load(item)))
-            except ImageLoadError as error:
-                records[index] = _error_record(index, item, str(error))
+        for work, image in zip(batch, images, strict=True):
+            if isinstance(image, ImageLoadError):
+                records[work[0]] = _error_record(work[0], work[1], str(image))
+            else:
+                loaded.append((work, image))
         if loaded:
             x = self.classifier.preprocess([image for _, image in loaded])
             measured = {method.name: self._measure(method, x, loaded) for method in self.methods}
@@ -726,7 +739,9 @@ def _records(
     Batches are the consecutive slices of ``batch_size`` annotated images, always the same
     ones: a batch that is partly done is computed whole (the records already there are not
     written again), so that every image is measured in the same company as in an
-    uninterrupted run (ROAD's noise depends on an image's position in its batch).
+    uninterrupted run (ROAD's noise depends on an image's position in its batch). The local
+    engine decodes the next batch in threads while the current one is measured
+    (``runner.prefetched``).
     """
     batches = [
         b for b in chunks(work, job.settings.batch_size) if any(i not in done for i, *_ in b)
@@ -743,7 +758,11 @@ def _records(
         computed = (json.loads(r) for output in outputs for r in output["record"])
     else:
         evaluator = _BatchEvaluator(classifier, instances, job.settings)
-        computed = (record for batch in batches for record in evaluator.records(batch))
+        computed = (
+            record
+            for batch, images in prefetched(batches, evaluator.load)
+            for record in evaluator.measure(batch, images)
+        )
     bar = tqdm(total=todo, desc="images", unit="img", file=sys.stderr, disable=not progress)
     with bar:
         for record in computed:

@@ -20,12 +20,12 @@ import os
 import re
 import shutil
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from PIL import Image
@@ -44,6 +44,9 @@ from camlens.writers import JsonlWriter, write_json, write_npz, write_png, write
 RESULTS_FILE = "results.jsonl"
 OUTPUT_ENTRIES = (RESULTS_FILE, "index.html", "overlays", "raw", "figures")
 ENGINES = ("local", "ray")
+
+T = TypeVar("T")
+U = TypeVar("U")
 
 
 @dataclass(frozen=True)
@@ -360,8 +363,12 @@ def _local_records(
     job: ExplainJob, pending: list[tuple[int, str]], out_dir: Path
 ) -> Iterator[dict[str, Any]]:
     explainer = BatchExplainer(job, out_dir)
-    for batch in _prefetched_batches(explainer.classifier, pending, job.batch_size):
-        yield from explainer.explain_loaded(batch)
+
+    def load(item: tuple[int, str]) -> Loaded:
+        return load_input(explainer.classifier, *item)
+
+    for _, loaded in prefetched(chunks(pending, job.batch_size), load):
+        yield from explainer.explain_loaded(loaded)
 
 
 class BatchExplainer:
@@ -449,19 +456,30 @@ def load_input(classifier: Classifier, index: int, source: str | os.PathLike) ->
     return Loaded(index, str(source), image=image, tensor=classifier.preprocess(image))
 
 
-def _prefetched_batches(
-    classifier: Classifier, items: list[tuple[int, str]], batch_size: int
-) -> Iterator[list[Loaded]]:
-    """Decode the next batch in worker threads while the current one is being explained."""
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="camlens-decode") as pool:
-        pending: list[Future[Loaded]] | None = None
-        for chunk in chunks(items, batch_size):
-            submitted = [pool.submit(load_input, classifier, i, s) for i, s in chunk]
+def prefetched(
+    batches: Iterable[Sequence[T]], load: Callable[[T], U], *, threads: int = 2
+) -> Iterator[tuple[Sequence[T], list[U]]]:
+    """``(batch, [load(item) for item in batch])`` for every batch, in order, with the next
+    batch already loading in ``threads`` worker threads while the caller works on the current
+    one: decoding overlaps inference, and at most two batches are in memory.
+
+    Every batch command's local engine reads its inputs through this (``camlens explain``,
+    ``evaluate`` and ``audit``). ``load`` should turn a failure into a value (an error
+    record), since an exception it raises surfaces here.
+
+    Example:
+        >>> for batch, images in prefetched(chunks(paths, 16), load_image):
+        ...     model(preprocess(images))
+    """
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="camlens-decode") as pool:
+        pending: tuple[Sequence[T], list[Future[U]]] | None = None
+        for batch in batches:
+            submitted = (batch, [pool.submit(load, item) for item in batch])
             if pending is not None:
-                yield [f.result() for f in pending]
+                yield pending[0], [future.result() for future in pending[1]]
             pending = submitted
         if pending is not None:
-            yield [f.result() for f in pending]
+            yield pending[0], [future.result() for future in pending[1]]
 
 
 def chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:

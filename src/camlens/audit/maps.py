@@ -11,7 +11,6 @@ The local engine decodes the next batch in threads while the current one runs; t
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 from camlens.api import make_method
 from camlens.explanation import normalize_maps
 from camlens.models import Classifier
-from camlens.runner import Loaded, chunks, load_input
+from camlens.runner import Loaded, chunks, load_input, prefetched
 
 __all__ = ["AuditItem", "MapBatch", "MapComputer", "local_map_batches"]
 
@@ -139,15 +138,5 @@ def local_map_batches(
     computer: MapComputer, items: Sequence[AuditItem], batch_size: int
 ) -> Iterator[MapBatch]:
     """``MapBatch`` per ``batch_size`` items, decoding the next batch in threads meanwhile."""
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="camlens-audit") as pool:
-        pending: tuple[list[Future[Loaded]], list[int | None]] | None = None
-        for chunk in chunks(items, batch_size):
-            submitted = (
-                [pool.submit(computer.load, item) for item in chunk],
-                [c[2] for c in chunk],
-            )
-            if pending is not None:
-                yield computer.compute([f.result() for f in pending[0]], pending[1])
-            pending = submitted
-        if pending is not None:
-            yield computer.compute([f.result() for f in pending[0]], pending[1])
+    for chunk, loaded in prefetched(chunks(items, batch_size), computer.load):
+        yield computer.compute(loaded, [cls for _, _, cls in chunk])
