@@ -49,6 +49,7 @@ from camlens.audit.maps import AuditItem, MapBatch, MapComputer, local_map_batch
 from camlens.audit.spray import ClassReservoirs, SprayResult, spectral_relevance_analysis
 from camlens.data.imagefolder import load_images
 from camlens.errors import ConfigError
+from camlens.formatting import percent, two_decimals
 from camlens.io.annotations import Annotation, load_annotations
 from camlens.models import Classifier, load_model
 from camlens.runner import prepare_output, record_run_settings
@@ -689,16 +690,6 @@ def describe_place(box: Sequence[float]) -> str:
     return f"in the {upper_lower} {horizontal}{' corner' if corner else ''}"
 
 
-def _two(value: float) -> str:
-    """Two decimals, without a minus sign on values that round to zero."""
-    return f"{round(value, 2) + 0.0:.2f}"
-
-
-def percent(value: float) -> str:
-    """``0.873`` -> ``"87 %"``."""
-    return f"{round(100 * value)} %"
-
-
 def summary_sentences(flags: Sequence[dict[str, Any]], *, has_annotations: bool) -> list[str]:
     """The plain-language summary at the top of the report (one sentence per finding)."""
     confirmed = [f for f in flags if f["confirmed"]]
@@ -722,8 +713,8 @@ def summary_sentences(flags: Sequence[dict[str, Any]], *, has_annotations: bool)
         if flag["confidence_drop"] is not None:
             evidence.append(
                 f"erasing it lowers the model's confidence in {label} by "
-                f"{_two(flag['confidence_drop'])} on average (a random region: "
-                f"{_two(flag['baseline_confidence_drop'])})"
+                f"{two_decimals(flag['confidence_drop'])} on average (a random region: "
+                f"{two_decimals(flag['baseline_confidence_drop'])})"
             )
         lines.append(f"Class {label} depends on {what}: {'; '.join(evidence)}.")
     unconfirmed = [f for f in flags if not f["confirmed"]]

@@ -28,17 +28,17 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import jinja2
 import numpy as np
 from PIL import Image, ImageDraw
 
+from camlens.formatting import percent
 from camlens.render import colorize, overlay
+from camlens.report.html import render_template
 from camlens.writers import write_png, write_text
 
 __all__ = ["write_audit_report"]
 
 TEMPLATE_NAME = "audit.html.j2"
-_TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 _SIDE = 192
 _THUMB = 128
 _CONFIRMED = (230, 30, 30)
@@ -177,7 +177,7 @@ def _worst_figures(
         cards.append(
             {
                 "src": relative,
-                "caption": f"{Path(item['image']).name}: {_pct(item['outside_share'])} outside",
+                "caption": f"{Path(item['image']).name}: {percent(item['outside_share'])} outside",
             }
         )
     return cards
@@ -197,9 +197,9 @@ def _flag_figures(
                 "before": before,
                 "after": after,
                 "caption": (
-                    f"{_name(labels, example['before_class'])} {_pct(example['before_prob'])}"
+                    f"{_name(labels, example['before_class'])} {percent(example['before_prob'])}"
                     f" \u2192 {_name(labels, example['after_class'])} "
-                    f"{_pct(example['after_prob'])}"
+                    f"{percent(example['after_prob'])}"
                 ),
             }
         )
@@ -210,8 +210,8 @@ def _flag_figures(
                 "before": before,
                 "after": after,
                 "caption": (
-                    f"p({flag['class']}) {_pct(example['before_prob'])} \u2192 "
-                    f"{_pct(example['after_prob'])}"
+                    f"p({flag['class']}) {percent(example['before_prob'])} \u2192 "
+                    f"{percent(example['after_prob'])}"
                 ),
             }
         )
@@ -281,15 +281,6 @@ def _name(labels: list[str], index: int) -> str:
     return labels[index] if 0 <= index < len(labels) else str(index)
 
 
-def _two(value: float | None) -> str:
-    """Two decimals, without a minus sign on values that round to zero."""
-    return "n/a" if value is None else f"{round(value, 2) + 0.0:.2f}"
-
-
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{round(100 * value)} %"
-
-
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "_", name)[:60] or "class"
 
@@ -304,22 +295,14 @@ def _render(
     flags: list[dict[str, Any]],
     title: str,
 ) -> str:
-    environment = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(_TEMPLATE_DIR),
-        autoescape=True,
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-    )
-    environment.filters["pct"] = _pct
-    environment.filters["num"] = _two
     settings = result.get("settings", {})
     subtitle = (
         f"model {result.get('model')} · method {result.get('method')} · data {result.get('data')}"
         f" · classes from {result.get('labels_from')} · {result.get('n_images')} images"
         + (f" ({result.get('n_failed')} unreadable)" if result.get("n_failed") else "")
     )
-    return environment.get_template(TEMPLATE_NAME).render(
+    return render_template(
+        TEMPLATE_NAME,
         title=title,
         subtitle=subtitle,
         summary=result.get("summary", []),

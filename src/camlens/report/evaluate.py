@@ -20,7 +20,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import jinja2
 import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw
@@ -30,12 +29,12 @@ from camlens.localize import box_from_map
 from camlens.methods import CAMMethod
 from camlens.models import Classifier
 from camlens.render import overlay, save_figure
+from camlens.report.html import render_template
 from camlens.writers import write_png, write_text
 
 __all__ = ["worst_localized", "write_evaluation_report"]
 
 TEMPLATE_NAME = "evaluate.html.j2"
-_TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 _GT_COLOR = (0, 220, 0)
 _FIGSIZE = (6.0, 4.0)
 
@@ -329,13 +328,6 @@ def _render(
     galleries: Mapping[str, list[dict[str, str]]],
     title: str,
 ) -> str:
-    environment = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(_TEMPLATE_DIR),
-        autoescape=True,
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-    )
     table = _table(result)
     glossary = [{"key": row["key"], "help": row["help"]} for row in table["rows"]]
     summary = (
@@ -354,7 +346,8 @@ def _render(
         for method, stages in result.get("sanity", {}).items()
         if stages
     }
-    return environment.get_template(TEMPLATE_NAME).render(
+    return render_template(
+        TEMPLATE_NAME,
         title=title,
         subtitle=f"model {result.get('model', '?')} · annotations {result.get('annotations', '?')}",
         summary=summary,

@@ -18,7 +18,6 @@ Extra keys are ignored; missing optional keys are tolerated.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 from collections.abc import Iterable, Mapping
@@ -26,14 +25,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-import jinja2
-
+from camlens.report.html import render_template
 from camlens.writers import write_text
 
 __all__ = ["render_gallery", "write_gallery"]
 
 TEMPLATE_NAME = "gallery.html.j2"
-_TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 
 
 def render_gallery(
@@ -74,8 +71,9 @@ def render_gallery(
     n_ok = sum(card["ok"] for card in cards)
     n_failed = len(cards) - n_ok
     summary = f"{len(cards)} input{'' if len(cards) == 1 else 's'}, {n_ok} ok, {n_failed} failed"
-    template = _environment().get_template(TEMPLATE_NAME)
-    return template.render(title=title, subtitle=subtitle, summary=summary, cards=cards)
+    return render_template(
+        TEMPLATE_NAME, title=title, subtitle=subtitle, summary=summary, cards=cards
+    )
 
 
 def write_gallery(
@@ -107,18 +105,6 @@ def write_gallery(
     """
     html = render_gallery(records, title=title, subtitle=subtitle, figures=figures)
     return write_text(Path(out_dir) / "index.html", html)
-
-
-@functools.cache
-def _environment() -> jinja2.Environment:
-    return jinja2.Environment(
-        loader=jinja2.FileSystemLoader(_TEMPLATE_DIR),
-        autoescape=True,
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-    )
 
 
 def _card(record: Mapping[str, Any], figures: Mapping[str, str]) -> dict[str, Any]:
