@@ -10,7 +10,9 @@ import click
 from camlens.cli.common import (
     EXIT_OK,
     EXIT_USAGE,
+    device_option,
     engine_options,
+    layer_option,
     load_classifier,
     model_options,
     run_or_exit,
@@ -36,7 +38,7 @@ from camlens.methods import METHODS
     type=click.Choice(sorted(METHODS), case_sensitive=False),
     help="Map method: cam (exact, GAP + linear heads), gradcam (any CNN), ...",
 )
-@click.option("--layer", default=None, help="Feature layer (default: found automatically).")
+@layer_option
 @click.option(
     "--classes",
     multiple=True,
@@ -71,7 +73,7 @@ from camlens.methods import METHODS
     type=click.IntRange(min=1),
     help="Images per pass.",
 )
-@click.option("--device", default="cpu", show_default=True, help="Torch device: cpu, cuda, ...")
+@device_option
 @click.option(
     "--confirm-images",
     default=100,

@@ -37,6 +37,17 @@ def style_options(function):
     )(function)
 
 
+#: ``--device``: the torch device a command runs the model on.
+device_option = click.option(
+    "--device", default="cpu", show_default=True, help="Torch device: cpu, cuda, cuda:1..."
+)
+
+#: ``--layer``: the feature layer the maps come from.
+layer_option = click.option(
+    "--layer", default=None, help="Feature layer (qualified name); default: found automatically."
+)
+
+
 def engine_options(function):
     """``--engine``, ``--ray-address``, ``--workers``, ``--resume`` and ``--overwrite``: where a
     batch command runs and what it does with an output folder that is not empty.

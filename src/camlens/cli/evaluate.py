@@ -9,7 +9,9 @@ import click
 from camlens.cli.common import (
     EXIT_OK,
     EXIT_USAGE,
+    device_option,
     engine_options,
+    layer_option,
     load_classifier,
     run_or_exit,
 )
@@ -61,7 +63,7 @@ from camlens.models import DEFAULT_MODEL, available_models
     help="The annotations refer to camlens' bundled sample photos (chelsea.png, coffee.png, "
     "...): write them to OUT/samples and read the images from there.",
 )
-@click.option("--layer", default=None, help="Feature layer (default: found automatically).")
+@layer_option
 @click.option(
     "--batch-size",
     default=16,
@@ -69,9 +71,7 @@ from camlens.models import DEFAULT_MODEL, available_models
     type=click.IntRange(min=1),
     help="Images per method call and perturbed inputs per forward pass.",
 )
-@click.option(
-    "--device", default="cpu", show_default=True, help="Torch device: cpu, cuda, cuda:1..."
-)
+@device_option
 @click.option(
     "--steps",
     default=100,

@@ -7,8 +7,10 @@ from pathlib import Path
 import click
 
 from camlens.cli.common import (
+    device_option,
     engine_options,
     finish,
+    layer_option,
     load_classifier,
     make_style,
     method_kwargs,
@@ -39,9 +41,7 @@ from camlens.runner import run_explain
     show_default=True,
     help="What to explain: top1, top5, topK, a class id or a class name.",
 )
-@click.option(
-    "--layer", default=None, help="Feature layer (qualified name); default: found automatically."
-)
+@layer_option
 @click.option(
     "--batch-size",
     default=16,
@@ -49,9 +49,7 @@ from camlens.runner import run_explain
     type=click.IntRange(min=1),
     help="Images per forward pass.",
 )
-@click.option(
-    "--device", default="cpu", show_default=True, help="Torch device: cpu, cuda, cuda:1..."
-)
+@device_option
 @style_options
 @click.option(
     "--threshold",
@@ -123,7 +121,7 @@ def explain(
     help="Output folder (created).",
 )
 @method_options
-@click.option("--device", default="cpu", show_default=True, help="Torch device.")
+@device_option
 @style_options
 def demo(
     out_dir: Path,

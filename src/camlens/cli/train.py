@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from camlens.cli.common import run_or_exit
+from camlens.cli.common import device_option, run_or_exit
 from camlens.data.shapes import DEFAULT_CLASSES, POSITIONS, SHAPES, SHORTCUTS, ShapesConfig
 from camlens.train import TrainConfig
 
@@ -75,7 +75,7 @@ from camlens.train import TrainConfig
 )
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last epoch.")
 @click.option("--overwrite", is_flag=True, help="Replace a previous run in --out.")
-@click.option("--device", default="cpu", show_default=True, help="Torch device: cpu, cuda...")
+@device_option
 def train(
     data: Path,
     out_dir: Path,
