@@ -233,7 +233,8 @@ def record_run_settings(
     Parameters:
         out_dir: the output folder (after ``prepare_output``).
         name: the settings file, e.g. ``"evaluation.json"``.
-        settings: JSON-ready values that must not change between a run and its resume.
+        settings: JSON-ready values that must not change between a run and its resume
+            (compared as they read back from JSON: a tuple equals the list it is stored as).
         resume: whether this run continues an interrupted one.
         has_results: whether the folder already holds files a resume would build on (without
             a settings file to vouch for them, a resume is refused).
@@ -242,6 +243,7 @@ def record_run_settings(
         ConfigError: on a resume, the settings differ from the file's (the message names the
             keys), or ``has_results`` but no settings file to check them against.
     """
+    settings = json.loads(json.dumps(settings))  # as it reads back (tuples become lists)
     path = out_dir / name
     if resume and path.exists():
         check_same_settings(json.loads(path.read_text(encoding="utf-8")), settings, out_dir)

@@ -218,7 +218,7 @@ def run_settings(
     item_classes: Sequence[int] | None,
     **settings: Any,
 ) -> dict[str, Any]:
-    """Everything an audit's result depends on, as it reads back from ``audit_run.json``.
+    """Everything an audit's result depends on (kept in ``audit_run.json``).
 
     Parameters:
         classifier: the model (its name, a digest of its weights and of its class names).
@@ -240,7 +240,7 @@ def run_settings(
         flat = tensor.detach().cpu().contiguous().reshape(-1)
         weights.update(f"{name} {flat.dtype} {tuple(tensor.shape)}".encode())
         weights.update(flat.view(torch.uint8).numpy().tobytes())  # any dtype, bfloat16 too
-    values = {
+    return {
         "format": 1,
         "model": classifier.name,
         "model_sha256": weights.hexdigest(),
@@ -249,7 +249,6 @@ def run_settings(
         "items_sha256": items.hexdigest(),
         **settings,
     }
-    return json.loads(json.dumps(values))
 
 
 def _digest(value: Any) -> str:

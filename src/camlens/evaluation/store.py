@@ -42,7 +42,7 @@ class _RecordStore:
     def __init__(self, out_dir: Path | None, settings: dict[str, Any]) -> None:
         self.out_dir = out_dir
         self.path = None if out_dir is None else out_dir / RECORDS_FILE
-        self.settings = json.loads(json.dumps(settings))  # as it reads back from the file
+        self.settings = settings
         self._kept: list[dict[str, Any]] = []
 
     def open(self, *, resume: bool, overwrite: bool) -> set[int]:
