@@ -80,9 +80,9 @@ def overlaps(a: list[float], b: list[float]) -> bool:
 def oracle_flip_rate(classifier, root: Path, info: dict, kind: str, position: str) -> float:
     """Share of other-class images predicted as the shortcut class after pasting the true
     shortcut at its true place (the token: in the top-left corner)."""
-    from camlens.audit.confirm import predict_probs
-    from camlens.data import load_images
     from camlens.data.shapes import corner_box, shortcut_patch, stripe_box, stripe_patch, tag_side
+    from camlens.io.imagefolder import load_images
+    from camlens.shortcuts.confirm import predict_probs
 
     size = info["parameters"]["size"]
     others = [r for r in info["images"] if r["label"] != SHORTCUT_CLASS][:150]
@@ -113,9 +113,8 @@ def detection_run(
     rates: tuple[float, float] = (0.9, 0.0),
 ) -> Run:
     import camlens
-    from camlens.audit import run_audit
     from camlens.data.shapes import ShapesConfig, make_shapes_dataset
-    from camlens.train import TrainConfig, train_classifier
+    from camlens.training import TrainConfig, train_classifier
 
     root = work / f"{kind}-{position}-{seed}-{rates[0]}-{rates[1]}"
     config = ShapesConfig(
@@ -136,15 +135,19 @@ def detection_run(
         progress=False,
     )
     started = time.perf_counter()
-    result = run_audit(
+    quiet = camlens.RunOptions(progress=False)
+    result = camlens.audit(
         root / "model",
         root / "data" / "images",
         root / "audit",
         annotations=root / "data" / "annotations.csv",
         seed=seed,
+        options=quiet,
     )
     seconds = time.perf_counter() - started
-    plain = run_audit(root / "model", root / "data" / "images", None, seed=seed, report=False)
+    plain = camlens.audit(
+        root / "model", root / "data" / "images", None, seed=seed, report=False, options=quiet
+    )
     place, boxes = planted_region(info, size) if kind else (None, [])
 
     def score(flags: list[dict]) -> tuple[list[dict], int, int]:
@@ -240,7 +243,6 @@ def precision_recall(runs: list[Run]) -> list[str]:
 _CHILD = """
 import json, sys, time
 import torch
-from camlens.audit import run_audit
 import camlens
 
 def status(key):
@@ -250,12 +252,13 @@ def status(key):
 
 torch.set_num_threads(int(sys.argv[6]))
 model = camlens.load_model(sys.argv[1])
+audit = camlens.audit  # imported here, not in the timed audit
 loaded = status("VmRSS")
 with open("/proc/self/clear_refs", "w") as handle:
     handle.write("5")  # reset the peak (VmHWM) to the current size
 start = time.perf_counter()
-result = run_audit(model, sys.argv[2], sys.argv[3], max_images=int(sys.argv[4]),
-                   batch_size=32, engine=sys.argv[5])
+result = audit(model, sys.argv[2], sys.argv[3], max_images=int(sys.argv[4]),
+               options=camlens.RunOptions(batch_size=32, engine=sys.argv[5], progress=False))
 print(json.dumps({"seconds": time.perf_counter() - start, "n_images": result["n_images"],
                   "base_kb": loaded, "peak_kb": status("VmHWM"),
                   "confirmed": [(f["class"], f["box"]) for f in result["flags"] if f["confirmed"]],
@@ -265,7 +268,7 @@ print(json.dumps({"seconds": time.perf_counter() - start, "n_images": result["n_
 
 def cost(work: Path, sizes: list[int], image_size: int, engine: str, threads: int) -> list[str]:
     from camlens.data.shapes import ShapesConfig, make_shapes_dataset
-    from camlens.train import TrainConfig, train_classifier
+    from camlens.training import TrainConfig, train_classifier
 
     big = max(sizes)
     make_shapes_dataset(

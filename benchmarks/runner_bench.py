@@ -30,7 +30,7 @@ from camlens.io.samples import SAMPLES, sample_image
 
 CHILD = r"""
 import json, resource, sys, time
-from camlens.runner import run_explain
+import camlens
 args = json.loads(sys.argv[1])
 start = time.perf_counter()
 kwargs = {}
@@ -39,8 +39,9 @@ if args["engine"] == "ray":
     ray.init(num_cpus=args["workers"], include_dashboard=False, log_to_driver=False)
     kwargs = {"engine": "ray", "workers": args["workers"]}
 ready = time.perf_counter()
-summary = run_explain("efficientnet_lite0", [args["inputs"]], args["out"], batch_size=16,
-                      progress=False, overwrite=True, **kwargs)
+options = camlens.RunOptions(batch_size=16, progress=False, overwrite=True, **kwargs)
+summary = camlens.run_explain("efficientnet_lite0", [args["inputs"]], args["out"],
+                              options=options)
 done = time.perf_counter()
 print(json.dumps({"n": summary.n_ok, "total_s": done - start, "run_s": done - ready,
                   "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))

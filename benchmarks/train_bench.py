@@ -38,7 +38,7 @@ import camlens
 from camlens.data.shapes import ShapesConfig, make_shapes_dataset
 from camlens.io.annotations import load_annotations
 from camlens.layers import find_cam_head
-from camlens.train import TrainConfig, train_classifier
+from camlens.training import TrainConfig, train_classifier
 
 TARGET_ACCURACY = 0.95
 TARGET_SECONDS = 120.0
@@ -113,7 +113,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         started = time.perf_counter()
-        make_shapes_dataset(work / "shapes", ShapesConfig(n=args.n, size=args.size, seed=args.seed))
+        make_shapes_dataset(
+            work / "shapes",
+            ShapesConfig(n=args.n, size=args.size, seed=args.seed),
+            overwrite=True,
+        )
         generation = time.perf_counter() - started
         data = work / "shapes" / "images"
         runs = {"simple": timed_training(data, work / "simple", TrainConfig(seed=args.seed))}

@@ -43,8 +43,7 @@ from camlens.data.shapes import (
 )
 from camlens.io.annotations import load_annotations
 from camlens.render import overlay, save_figure
-from camlens.runner import run_explain
-from camlens.train import TrainConfig, train_classifier
+from camlens.training import TrainConfig, train_classifier
 from camlens.writers import write_json
 
 SHORTCUT_CLASS = "square"
@@ -82,7 +81,7 @@ def shortcut_part(args: argparse.Namespace) -> dict:
         shortcut_position=CORNER,
     )
     data, model_dir = args.work / "shortcut", args.work / "shortcut_model"
-    info = make_shapes_dataset(data, config)
+    info = make_shapes_dataset(data, config, overwrite=True)
     result = train_classifier(
         data / "images", model_dir, TrainConfig(epochs=args.epochs, seed=args.seed), overwrite=True
     )
@@ -116,8 +115,9 @@ def shortcut_part(args: argparse.Namespace) -> dict:
 
     figure = _shortcut_figure(explained, after, pasted, before, model.labels, args.examples)
     save_figure(figure, args.out / "train_shortcut_cam.png", dpi=120)
-    run_explain(model, [data / p for p in tagged[:8] + others[:8]], args.work / "explain_shortcut",
-                overwrite=True, progress=False)  # fmt: skip
+    quiet = camlens.RunOptions(overwrite=True, progress=False)
+    camlens.run_explain(model, [data / p for p in tagged[:8] + others[:8]],
+                        args.work / "explain_shortcut", options=quiet)  # fmt: skip
     return {
         "best_val_accuracy": result.best_val_accuracy,
         "tagged_val_squares": len(tagged),
@@ -135,7 +135,7 @@ def clean_part(args: argparse.Namespace) -> dict:
     """Train on the same kind of data without a shortcut; the maps find the shapes."""
     config = ShapesConfig(n=args.n, size=args.size, seed=args.seed + 1)
     data, model_dir = args.work / "clean", args.work / "clean_model"
-    make_shapes_dataset(data, config)
+    make_shapes_dataset(data, config, overwrite=True)
     result = train_classifier(
         data / "images", model_dir, TrainConfig(epochs=args.epochs, seed=args.seed), overwrite=True
     )
@@ -152,8 +152,9 @@ def clean_part(args: argparse.Namespace) -> dict:
     explained = camlens.explain(model, [str(a.image) for a in shown])
     figure = _clean_figure(explained, shown, model.labels, args.examples)
     save_figure(figure, args.out / "train_clean_cam.png", dpi=120)
-    run_explain(model, [a.image for a in shown], args.work / "explain_clean", overwrite=True,
-                progress=False)  # fmt: skip
+    quiet = camlens.RunOptions(overwrite=True, progress=False)
+    camlens.run_explain(model, [a.image for a in shown], args.work / "explain_clean",
+                        options=quiet)  # fmt: skip
     keys = ("maxboxacc", "maxboxacc_threshold", "top1_loc", "gt_known_loc", "pointing_game",
             "energy_pointing_game")  # fmt: skip
     return {

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -31,3 +33,21 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+#: The only reasons a test may be skipped under CI=true: no GPU, or running as root.
+_ALLOWED_SKIPS = ("cuda", "root")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under ``CI=true`` a skipped test is a failure unless it needs CUDA or a non-root user:
+    a test that does not run proves nothing, and the test extra installs what tests import."""
+    outcome = yield
+    report = outcome.get_result()
+    if os.environ.get("CI", "").lower() != "true" or not report.skipped:
+        return
+    reason = str(report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr)
+    if not any(word in reason.lower() for word in _ALLOWED_SKIPS):
+        report.outcome = "failed"
+        report.longrepr = f"skipped under CI=true, which only CUDA and root skips may be: {reason}"

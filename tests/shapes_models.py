@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from camlens.data.shapes import ShapesConfig, make_shapes_dataset
-from camlens.train import TrainConfig, train_classifier
+from camlens.training import TrainConfig, train_classifier
 
 
 def train_shapes_model(root: Path, *, n: int, epochs: int, **shapes: Any) -> dict[str, Any]:

@@ -14,17 +14,22 @@ from click.testing import CliRunner
 from PIL import Image
 from torch import nn
 
-from camlens.audit import (
+from camlens.api import audit
+from camlens.cli import main
+from camlens.errors import ConfigError
+from camlens.io.annotations import Annotation
+from camlens.models import Classifier
+from camlens.pipeline import RunOptions
+from camlens.shortcuts import (
     AuditSettings,
     Reservoir,
     describe_place,
     eigengap_cluster_count,
     find_hotspots,
     heat_share,
-    run_audit,
     spectral_relevance_analysis,
 )
-from camlens.audit.confirm import (
+from camlens.shortcuts.confirm import (
     erase_regions,
     flip_outcomes,
     mcnemar_greater,
@@ -33,13 +38,9 @@ from camlens.audit.confirm import (
     random_boxes,
     sign_test_greater,
 )
-from camlens.audit.core import object_grid, summary_sentences, widen_box
-from camlens.audit.data import resolve_audit_items
-from camlens.audit.find import MapAccumulator, TopCellSpool, outside_share, top_cell_masks
-from camlens.cli import main
-from camlens.errors import ConfigError
-from camlens.io.annotations import Annotation
-from camlens.models import Classifier
+from camlens.shortcuts.core import object_grid, summary_sentences, widen_box
+from camlens.shortcuts.data import resolve_audit_items
+from camlens.shortcuts.find import MapAccumulator, TopCellSpool, outside_share, top_cell_masks
 from shapes_models import train_shapes_model
 
 SIDE = 32
@@ -323,8 +324,12 @@ def _class_a_maps(images: Path, white_weight: float) -> list[tuple[np.ndarray, t
 
 def test_white_box_shortcut_is_found_placed_and_confirmed(patch_data, tmp_path):
     model = detector_model(white_weight=100.0)
-    result = run_audit(
-        model, patch_data["images"], tmp_path, annotations=patch_data["boxes"], batch_size=16
+    result = audit(
+        model,
+        patch_data["images"],
+        tmp_path,
+        annotations=patch_data["boxes"],
+        options=RunOptions(batch_size=16),
     )
     assert result["labels_from"] == "folders" and result["n_images"] == 3 * N_PER_CLASS
     (flag,) = result["flags"]
@@ -372,7 +377,7 @@ def test_white_box_hot_but_weak_region_is_a_candidate_not_confirmed(patch_data):
     # white_weight 20: the patch is the hottest place of the map (20 * 0.4 = 8 > 10 * 0.7),
     # but its contribution to the logit (20 * 0.4 * 36 / 1024 = 0.28) never beats a green or
     # blue disc (>= 10 * 0.7 * 81 / 1024 = 0.55): pasting it cannot flip anything.
-    result = run_audit(detector_model(20.0), patch_data["images"], None, report=False)
+    result = audit(detector_model(20.0), patch_data["images"], None, report=False)
     (flag,) = result["flags"]
     assert flag["class"] == "a" and flag["images_affected"] == N_PLANTED
     assert flag["flip_rate"] == 0.0 and flag["baseline_flip_rate"] == 0.0
@@ -382,7 +387,7 @@ def test_white_box_hot_but_weak_region_is_a_candidate_not_confirmed(patch_data):
 
 def test_white_box_colour_model_on_the_same_data_has_no_flag(patch_data):
     # The data still carries the patch, but this model reads only the disc colour.
-    result = run_audit(detector_model(0.0), patch_data["images"], None, report=False)
+    result = audit(detector_model(0.0), patch_data["images"], None, report=False)
     assert not any(f["confirmed"] for f in result["flags"])
     assert result["classes"]["a"]["hotspots"] == []
     assert result["classes"]["a"]["accuracy"] == 1.0
@@ -390,12 +395,12 @@ def test_white_box_colour_model_on_the_same_data_has_no_flag(patch_data):
 
 def test_audit_is_deterministic_and_plain_folders_use_predictions(patch_data, tmp_path):
     model = detector_model(100.0)
-    first = run_audit(model, patch_data["images"], None, report=False, seed=3)
-    second = run_audit(model, patch_data["images"], None, report=False, seed=3)
+    first = audit(model, patch_data["images"], None, report=False, seed=3)
+    second = audit(model, patch_data["images"], None, report=False, seed=3)
     for result in (first, second):
         result.pop("seconds")
     assert first == second
-    by_prediction = run_audit(model, patch_data["images"] / "a", None, report=False)
+    by_prediction = audit(model, patch_data["images"] / "a", None, report=False)
     assert by_prediction["labels_from"] == "predictions"
     assert by_prediction["n_images"] == N_PER_CLASS
     assert set(by_prediction["classes"]) == {"a"}  # every class-a image is predicted a
@@ -403,7 +408,7 @@ def test_audit_is_deterministic_and_plain_folders_use_predictions(patch_data, tm
 
 def test_classes_option_and_unreadable_images(patch_data, tmp_path):
     model = detector_model(100.0)
-    only_b = run_audit(model, patch_data["images"], None, report=False, classes=["B"])
+    only_b = audit(model, patch_data["images"], None, report=False, classes=["B"])
     assert only_b["flags"] == [] and not only_b["classes"]["a"]["audited"]
     assert only_b["classes"]["b"]["audited"] and only_b["n_images"] == 3 * N_PER_CLASS
     folder = tmp_path / "mixed"
@@ -411,10 +416,65 @@ def test_classes_option_and_unreadable_images(patch_data, tmp_path):
     for path in sorted((patch_data["images"] / "a").iterdir())[:5]:
         (folder / path.name).write_bytes(path.read_bytes())
     (folder / "broken.png").write_bytes(b"not a png")
-    result = run_audit(model, folder, tmp_path / "out", settings=AuditSettings(min_class_images=2))
+    result = audit(model, folder, tmp_path / "out", settings=AuditSettings(min_class_images=2))
     assert (result["n_images"], result["n_failed"]) == (5, 1)
     assert result["errors"][0]["input"].endswith("broken.png")
     assert "broken.png" in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_report_is_drawn_without_running_the_model(patch_data, tmp_path, monkeypatch):
+    import ast
+
+    import camlens.api.auditing as auditing
+    import camlens.report.audit as report_module
+
+    # The report module imports neither the API nor the methods nor the models...
+    tree = ast.parse(Path(report_module.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | {
+        alias.name for n in ast.walk(tree) if isinstance(n, ast.Import) for alias in n.names
+    }
+    banned = ("camlens.api", "camlens.methods", "camlens.models")
+    assert not [name for name in imported if name and name.startswith(banned)]
+    # ... and while it draws (exemplars and worst images included), the model never runs.
+    model = detector_model(100.0)
+    state = {"drawing": False, "forwards": 0, "forwards_while_drawing": 0}
+
+    def count(*_):
+        state["forwards"] += 1
+        state["forwards_while_drawing"] += state["drawing"]
+
+    model.module.register_forward_pre_hook(count)
+    original = auditing.write_audit_report
+
+    def watched(*args, **kwargs):
+        state["drawing"] = True
+        try:
+            return original(*args, **kwargs)
+        finally:
+            state["drawing"] = False
+
+    monkeypatch.setattr(auditing, "write_audit_report", watched)
+    out = tmp_path / "out"
+    result = audit(model, patch_data["images"], out, annotations=patch_data["boxes"])
+    assert state["forwards"] > 0 and state["forwards_while_drawing"] == 0
+    html = (out / "report.html").read_text()
+    for label, entry in result["classes"].items():
+        exemplars = [e for c in entry["clusters"]["clusters"] for e in c["exemplars"]]
+        assert exemplars and len(entry["annotations"]["worst"]) == 8
+        drawn = sorted(p.name for p in (out / "figures" / "clusters").glob(f"{label}_*_ex*.png"))
+        assert len(drawn) == len(exemplars)
+        worst = sorted((out / "figures" / "worst").glob(f"{label}_*.png"))
+        assert len(worst) == 8 and all(f"figures/worst/{w.name}" in html for w in worst)
+    # A worst image is its file with its stored grid map over it: the heat sits on the patch.
+    worst_a = result["classes"]["a"]["annotations"]["worst"][0]["image"]
+    assert worst_a in {str(p) for p in sorted((patch_data["images"] / "a").iterdir())[:N_PLANTED]}
+    with Image.open(out / "figures" / "worst" / "a_0.png") as picture:
+        pixels = np.asarray(picture.convert("RGB"), dtype=np.int64)
+    scale = pixels.shape[0] / SIDE
+    x0, y0, x1, y1 = (round(v * scale) for v in PATCH)
+    patch_red = pixels[y0:y1, x0:x1, 0].mean() - pixels[y0:y1, x0:x1, 2].mean()
+    far_red = pixels[-8:, -8:, 0].mean() - pixels[-8:, -8:, 2].mean()
+    assert patch_red > far_red + 50  # jet: hot is red, cold is blue
 
 
 def test_bad_data_is_a_config_error(patch_data, tmp_path):
@@ -424,11 +484,11 @@ def test_bad_data_is_a_config_error(patch_data, tmp_path):
         for name in ("a", "zebra"):
             (bad / name).mkdir(parents=True)
             Image.new("RGB", (8, 8)).save(bad / name / "x.png")
-        run_audit(model, bad, None, report=False)
+        audit(model, bad, None, report=False)
     with pytest.raises(ConfigError, match="does not exist"):
-        run_audit(model, tmp_path / "missing", None)
+        audit(model, tmp_path / "missing", None)
     with pytest.raises(ConfigError, match="unknown engine"):
-        run_audit(model, patch_data["images"], None, engine="spark")
+        audit(model, patch_data["images"], None, options=RunOptions(engine="spark"))
     items = resolve_audit_items(patch_data["images"], ["a", "b", "c"], max_images=10, seed=1)
     assert len(items.paths) == 10 and items.n_found == 90
 
@@ -495,7 +555,7 @@ def test_cli_configuration_errors_exit_2(tagged, tmp_path):
 
 def test_clean_trained_model_has_no_confirmed_flag(clean):
     root, _ = clean
-    result = run_audit(
+    result = audit(
         root / "model", root / "data" / "images", root / "audit",
         settings=AuditSettings(confirm_images=60),
     )  # fmt: skip
@@ -510,11 +570,15 @@ def test_ray_engine_gives_the_same_audit(tagged):
 
     root, _ = tagged
     kwargs = {"report": False, "max_images": 90, "settings": AuditSettings(min_class_images=10)}
-    local = run_audit(root / "model", root / "data" / "images", None, **kwargs)
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    local = audit(root / "model", root / "data" / "images", None, **kwargs)
+    ray.init(num_cpus=2, include_dashboard=False)
     try:
-        remote = run_audit(
-            root / "model", root / "data" / "images", None, engine="ray", workers=1, **kwargs
+        remote = audit(
+            root / "model",
+            root / "data" / "images",
+            None,
+            options=RunOptions(engine="ray", workers=1),
+            **kwargs,
         )
     finally:
         ray.shutdown()

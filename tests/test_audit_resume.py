@@ -1,5 +1,6 @@
-"""``camlens audit`` with an output folder: the stored map pass (``maps/``), resume after a
-kill or lost parts with the result of an uninterrupted run, refused folders and settings."""
+"""``camlens audit`` with an output folder: the stored map pass (``maps.jsonl`` and
+``maps/``), resume by whole batches after a kill or a lost part with the result of an
+uninterrupted run, refused folders and settings."""
 
 from __future__ import annotations
 
@@ -15,17 +16,21 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from camlens.audit import AuditSettings, run_audit
-from camlens.audit.checkpoint import PARTS_DIR, RUN_FILE
-from camlens.audit.maps import MapComputer
+from camlens.api import audit
 from camlens.cli import main
 from camlens.errors import ConfigError
+from camlens.pipeline import RunOptions
+from camlens.pipeline.folder import RUN_FILE
+from camlens.shortcuts import AuditSettings
+from camlens.tasks.audit import AuditTask, AuditWorker
 from shapes_models import train_shapes_model
 
 N_IMAGES = 120
 BATCH = 2  # 60 parts: a killed run stops mid-way
 N_PARTS = N_IMAGES // BATCH
 CONFIRM = 40
+PARTS_DIR = AuditTask.parts_dir
+RECORDS = AuditTask.records_file
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -43,11 +48,11 @@ def tagged(tmp_path_factory):
     return root
 
 
-def _args(root: Path) -> dict:
+def _args(root: Path, **options) -> dict:
     return {
         "annotations": str(root / "data" / "annotations.csv"),
-        "batch_size": BATCH,
         "settings": AuditSettings(confirm_images=CONFIRM),
+        "options": RunOptions(**{"batch_size": BATCH, "progress": False, **options}),
     }
 
 
@@ -63,7 +68,7 @@ def _cli_args(root: Path, out: Path) -> list[str]:
 def reference(tagged):
     """An uninterrupted audit with an output folder: its ``audit.json`` and folder."""
     out = tagged / "reference"
-    run_audit(str(tagged / "model"), str(tagged / "data" / "images"), out, **_args(tagged))
+    audit(str(tagged / "model"), str(tagged / "data" / "images"), out, **_args(tagged))
     return _audit(out), out
 
 
@@ -89,14 +94,16 @@ def test_every_batch_is_stored_and_the_result_does_not_depend_on_it(tagged, refe
     expected, out = reference
     assert [p.name for p in _parts(out)] == [f"part-{i:09d}.npz" for i in range(0, 120, BATCH)]
     assert sorted(p.name for p in out.iterdir()) == [
-        "audit.json", RUN_FILE, "figures", PARTS_DIR, "report.html"
+        ".camlens", "audit.json", "figures", PARTS_DIR, RECORDS, "report.html"
     ]  # fmt: skip
     assert any(f["class"] == "circle" and f["flip_rate"] is not None for f in expected["flags"])
-    settings = json.loads((out / RUN_FILE).read_text())
-    assert (settings["n_items"], settings["batch_size"], settings["seed"]) == (N_IMAGES, BATCH, 0)
+    run = json.loads((out / RUN_FILE).read_text())
+    settings = run["settings"]
+    assert run["task"] == "audit-maps"
+    assert (settings["n_inputs"], settings["batch_size"], settings["seed"]) == (N_IMAGES, BATCH, 0)
     assert settings["confirm_images"] == CONFIRM and settings["method"] == "cam"
-    # Without an output folder nothing is stored and the audit is the same.
-    in_memory = run_audit(
+    # Without an output folder nothing is kept and the audit is the same.
+    in_memory = audit(
         str(tagged / "model"), str(tagged / "data" / "images"), None, report=False,
         **_args(tagged),
     )  # fmt: skip
@@ -104,32 +111,29 @@ def test_every_batch_is_stored_and_the_result_does_not_depend_on_it(tagged, refe
     assert in_memory == _without_figures(expected)
 
 
-def test_resume_recomputes_only_the_lost_parts(tagged, reference, tmp_path, monkeypatch):
+def test_resume_recomputes_from_the_first_lost_batch(tagged, reference, tmp_path, monkeypatch):
     expected, done = reference
     out = tmp_path / "out"
     shutil.copytree(done, out)
     (out / "audit.json").unlink()  # killed during the map pass: no result yet
     parts = _parts(out)
-    for number in (0, 7, 8, N_PARTS - 1):
-        parts[number].unlink()
-    parts[20].write_bytes(b"not an npz")  # damaged: recomputed too
+    parts[20].write_bytes(b"not an npz")  # damaged: its batch and every later one are redone
     leftover = out / PARTS_DIR / f".{parts[30].name}.k3j2.tmp"
     leftover.write_bytes(b"torn write")  # what a write killed mid-way leaves
-    kept = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in _parts(out) if p != parts[20]}
+    kept = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in parts[:20]}
     computed: list[int] = []
-    original = MapComputer.compute
+    original = AuditWorker.process
 
-    def counting(self, loaded, classes):
-        computed.extend(item.index for item in loaded)
-        return original(self, loaded, classes)
+    def counting(self, batch, loaded):
+        computed.extend(index for index, _ in batch)
+        return original(self, batch, loaded)
 
-    monkeypatch.setattr(MapComputer, "compute", counting)
-    result = run_audit(
-        str(tagged / "model"), str(tagged / "data" / "images"), out, resume=True,
-        **_args(tagged),
+    monkeypatch.setattr(AuditWorker, "process", counting)
+    result = audit(
+        str(tagged / "model"), str(tagged / "data" / "images"), out,
+        **_args(tagged, resume=True),
     )  # fmt: skip
-    lost = [0, 7, 8, 20, N_PARTS - 1]
-    assert computed == [BATCH * n + j for n in lost for j in range(BATCH)]
+    assert computed == list(range(20 * BATCH, N_IMAGES))
     assert _audit(out) == expected
     result.pop("seconds")
     assert result == expected
@@ -137,9 +141,9 @@ def test_resume_recomputes_only_the_lost_parts(tagged, reference, tmp_path, monk
     assert all((p.stat().st_mtime_ns, p.read_bytes()) == v for p, v in kept.items())
     # Resuming a finished audit reads everything back: no map is computed again.
     computed.clear()
-    run_audit(
-        str(tagged / "model"), str(tagged / "data" / "images"), out, resume=True,
-        **_args(tagged),
+    audit(
+        str(tagged / "model"), str(tagged / "data" / "images"), out,
+        **_args(tagged, resume=True),
     )  # fmt: skip
     assert computed == [] and _audit(out) == expected
 
@@ -175,13 +179,13 @@ def test_resume_with_ray_computes_the_lost_slices_alike(tagged, reference, tmp_p
     out = tmp_path / "out"
     shutil.copytree(done, out)
     parts = _parts(out)
-    for number in (3, 4, 11, N_PARTS - 1):  # slices that are not next to each other
+    for number in (3, 4, 11, N_PARTS - 1):  # the run resumes after batch 2
         parts[number].unlink()
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False)
     try:
-        run_audit(
-            str(tagged / "model"), str(tagged / "data" / "images"), out, resume=True,
-            engine="ray", workers=1, **_args(tagged),
+        audit(
+            str(tagged / "model"), str(tagged / "data" / "images"), out,
+            **_args(tagged, resume=True, engine="ray", workers=1),
         )  # fmt: skip
     finally:
         ray.shutdown()
@@ -203,13 +207,22 @@ def test_non_empty_output_folder_is_refused_unless_resume_or_overwrite(tagged, t
     assert "--overwrite" in refused.output
     both = CliRunner().invoke(main, [*args, "--resume", "--overwrite"])
     assert both.exit_code == 2 and "exclude each other" in both.output
-    orphan = CliRunner().invoke(main, [*args, "--resume"])  # no audit_run.json to check
+    orphan = CliRunner().invoke(main, [*args, "--resume"])  # no run settings to check
     assert orphan.exit_code == 2 and RUN_FILE in orphan.output
+    # --overwrite removes only what camlens wrote: an audit.json it did not write is never
+    # replaced, and the refusal comes before the map pass, leaving nothing behind.
+    foreign = CliRunner().invoke(main, [*args, "--overwrite"])
+    assert foreign.exit_code == 2 and "camlens has no record of writing it" in foreign.output
+    assert sorted(p.name for p in out.iterdir()) == ["audit.json", "notes.txt"]
+    (out / "audit.json").unlink()
     replaced = CliRunner().invoke(main, [*args, "--overwrite"])
     assert replaced.exit_code == 0, replaced.output
     assert (out / "notes.txt").read_text() == "mine"  # never removes the user's files
     assert json.loads((out / "audit.json").read_text())["n_images"] == 30
     assert len(_parts(out)) == 4  # 30 images in slices of 8
+    again = CliRunner().invoke(main, [*args, "--overwrite"])  # camlens' own outputs: replaced
+    assert again.exit_code == 0, again.output
+    assert (out / "notes.txt").read_text() == "mine" and len(_parts(out)) == 4
 
 
 def test_resume_with_other_settings_is_refused_naming_them(tagged, tmp_path):
@@ -224,13 +237,17 @@ def test_resume_with_other_settings_is_refused_naming_them(tagged, tmp_path):
     assert method.exit_code == 2 and "(method)" in method.output
     assert (out / "audit.json").read_bytes() == written  # nothing was touched
     with pytest.raises(ConfigError, match=r"\(batch_size\)"):
-        run_audit(
-            str(tagged / "model"), str(tagged / "data" / "images"), out, resume=True,
-            max_images=20, batch_size=5, annotations=str(tagged / "data" / "annotations.csv"),
+        audit(
+            str(tagged / "model"), str(tagged / "data" / "images"), out, max_images=20,
+            annotations=str(tagged / "data" / "annotations.csv"),
             settings=AuditSettings(confirm_images=CONFIRM),
+            options=RunOptions(resume=True, batch_size=5),
         )  # fmt: skip
     with pytest.raises(ConfigError, match="give out_dir"):
-        run_audit(str(tagged / "model"), str(tagged / "data" / "images"), None, resume=True)
+        audit(
+            str(tagged / "model"), str(tagged / "data" / "images"), None,
+            options=RunOptions(resume=True),
+        )  # fmt: skip
 
 
 def test_unreadable_inputs_are_stored_and_read_back(tagged, tmp_path, monkeypatch):
@@ -240,11 +257,16 @@ def test_unreadable_inputs_are_stored_and_read_back(tagged, tmp_path, monkeypatc
         (folder / path.name).write_bytes(path.read_bytes())
     (folder / "broken.png").write_bytes(b"not a png")  # sorted first: alone with one image
     out = tmp_path / "out"
-    kwargs = {"batch_size": 2, "report": False, "settings": AuditSettings(min_class_images=2)}
-    first = run_audit(str(tagged / "model"), str(folder), out, **kwargs)
+    kwargs = {"report": False, "settings": AuditSettings(min_class_images=2)}
+    first = audit(
+        str(tagged / "model"), str(folder), out, options=RunOptions(batch_size=2), **kwargs
+    )
     assert (first["n_images"], first["n_failed"]) == (3, 1)
-    monkeypatch.setattr(MapComputer, "compute", None)  # nothing may be computed again
-    again = run_audit(str(tagged / "model"), str(folder), out, resume=True, **kwargs)
+    monkeypatch.setattr(AuditWorker, "process", None)  # nothing may be computed again
+    again = audit(
+        str(tagged / "model"), str(folder), out,
+        options=RunOptions(batch_size=2, resume=True), **kwargs,
+    )  # fmt: skip
     for result in (first, again):
         result.pop("seconds")
     assert again == first and again["errors"][0]["input"].endswith("broken.png")

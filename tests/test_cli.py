@@ -107,7 +107,7 @@ def test_cam_on_a_model_without_gap_head_exits_2_and_suggests_gradcam(tmp_path):
     pytest.importorskip("torchvision")
     photo = write_samples(tmp_path, ["coffee"])[0]
     args = ["explain", str(photo), "--out", str(tmp_path / "o"), "--model", "torchvision:vgg11"]
-    result = CliRunner().invoke(main, args)
+    result = CliRunner().invoke(main, [*args, "--random-weights"])
     assert result.exit_code == 2 and "use method='gradcam'" in result.output
 
 

@@ -12,15 +12,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 from camlens.cli import main
-from camlens.data import (
-    ShapesConfig,
-    load_images,
-    make_shapes_dataset,
-    scan_image_folder,
-    stratified_split,
-)
+from camlens.data import ShapesConfig, make_shapes_dataset
 from camlens.data.shapes import corner_box, shortcut_patch, stripe_box, stripe_patch, tag_side
 from camlens.errors import ConfigError
+from camlens.io.imagefolder import load_images, scan_image_folder, stratified_split
 
 
 def _pixels(path: Path) -> np.ndarray:
@@ -29,8 +24,11 @@ def _pixels(path: Path) -> np.ndarray:
 
 
 def _all_bytes(root: Path) -> dict[str, bytes]:
+    """The data set's files (camlens' bookkeeping in ``.camlens/`` left out)."""
     return {
-        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and ".camlens" not in p.relative_to(root).parts
     }
 
 
@@ -147,12 +145,13 @@ def test_stripe_token_random_corner_and_other_class_rate(tmp_path):
 )
 def test_bad_shape_parameters_are_config_errors(tmp_path, changes, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        make_shapes_dataset(tmp_path, ShapesConfig(**{"n": 6, "size": 32, **changes}))
+        make_shapes_dataset(tmp_path / "out", ShapesConfig(**{"n": 6, "size": 32, **changes}))
+    assert not (tmp_path / "out").exists()  # nothing is created before the parameters are valid
 
 
 def test_make_dataset_command(tmp_path):
     out = tmp_path / "shapes"
-    args = ["make-dataset", "shapes", str(out), "--n", "10", "--size", "32", "--seed", "1"]
+    args = ["make-dataset", "shapes", "--out", str(out), "--n", "10", "--size", "32", "--seed", "1"]
     args += ["--classes", "star,cross", "--shortcut", "corner-tag", "--shortcut-class", "cross"]
     args += ["--shortcut-rate", "0.6", "--shortcut-position", "top-right"]
     result = CliRunner().invoke(main, args)
@@ -163,8 +162,100 @@ def test_make_dataset_command(tmp_path):
     info = json.loads((out / "dataset.json").read_text())
     assert info["parameters"]["seed"] == 1 and info["shortcut"]["position"] == "top-right"
     assert sorted(p.name for p in (out / "images").iterdir()) == ["cross", "star"]
-    bad = CliRunner().invoke(main, ["make-dataset", "shapes", str(out), "--classes", "circle"])
+    assert "deprecated" not in result.output
+    bad_out = tmp_path / "bad"
+    bad = CliRunner().invoke(
+        main, ["make-dataset", "shapes", "--out", str(bad_out), "--classes", "circle"]
+    )
     assert bad.exit_code == 2 and "at least two different classes" in bad.output
+    assert not bad_out.exists()
+    missing = CliRunner().invoke(main, ["make-dataset", "shapes", "--n", "4"])
+    assert missing.exit_code == 2 and "--out" in missing.output
+
+
+# --- the output folder's rules (those of every camlens command) ---------------------------
+
+_SMALL = ["--n", "10", "--size", "32", "--seed", "1"]
+
+
+def _make(out: Path, *args: str):
+    return CliRunner().invoke(main, ["make-dataset", "shapes", "--out", str(out), *_SMALL, *args])
+
+
+def test_a_second_data_set_into_one_folder_is_refused_and_the_first_kept(tmp_path):
+    out = tmp_path / "shapes"
+    assert _make(out, "--classes", "circle,star").exit_code == 0
+    first = _all_bytes(out)
+    again = _make(out, "--n", "12", "--classes", "circle,square,triangle")
+    assert again.exit_code == 2
+    assert "is not empty" in again.output and "--overwrite" in again.output
+    assert "--resume" not in again.output  # make-dataset has no --resume: not offered
+    assert _all_bytes(out) == first
+
+
+def test_overwrite_gives_exactly_a_fresh_data_set_and_keeps_the_users_files(tmp_path):
+    out = tmp_path / "shapes"
+    assert _make(out, "--classes", "circle,star", "--shortcut", "token").exit_code == 0
+    (out / "images" / "notes.txt").write_text("mine")
+    (out / "mine.txt").write_text("mine too")
+    (out / "images" / "star" / "keep.png").write_bytes(b"a file of mine among camlens' ones")
+    again = _make(out, "--overwrite", "--classes", "circle,square,triangle", "--n", "12")
+    assert again.exit_code == 0, again.output
+    fresh = tmp_path / "fresh"
+    assert _make(fresh, "--classes", "circle,square,triangle", "--n", "12").exit_code == 0
+    users = {"images/notes.txt", "mine.txt", "images/star/keep.png"}
+    result = _all_bytes(out)
+    assert {k: v for k, v in result.items() if k not in users} == _all_bytes(fresh)
+    assert result["images/notes.txt"] == b"mine" and result["mine.txt"] == b"mine too"
+    assert sorted(p.name for p in (out / "images" / "star").iterdir()) == ["keep.png"]
+    assert not (out / "masks" / "star").exists()  # the old data set's folder, now empty: gone
+    with open(out / "annotations.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 12 == len(list((out / "images").rglob("*_*.png")))
+    assert json.loads((out / "dataset.json").read_text())["classes"] == [
+        "circle",
+        "square",
+        "triangle",
+    ]
+
+
+def test_the_positional_out_still_works_for_a_release_and_warns(tmp_path):
+    out = tmp_path / "shapes"
+    result = CliRunner().invoke(main, ["make-dataset", "shapes", str(out), *_SMALL])
+    assert result.exit_code == 0, result.output
+    warning = "Warning: camlens make-dataset KIND OUT is deprecated; use --out OUT"
+    assert result.stderr.splitlines() == [warning]
+    assert warning not in result.stdout and "-> " + str(out) in result.stdout
+    assert _all_bytes(out) == _all_bytes(_fresh(tmp_path / "fresh"))
+    twice = CliRunner().invoke(main, ["make-dataset", "shapes", "a", "--out", "b"])
+    assert twice.exit_code == 2 and "two output folders" in twice.output
+
+
+def _fresh(out: Path) -> Path:
+    assert _make(out).exit_code == 0
+    return out
+
+
+def test_folder_refusals_name_the_options_of_the_interface_they_come_from(tmp_path):
+    out = _fresh(tmp_path / "shapes")
+    config = ShapesConfig(n=6, size=32)
+    with pytest.raises(ConfigError, match="not empty") as python:
+        make_shapes_dataset(out, config)
+    message = str(python.value)
+    assert "overwrite=True" in message and "choose another out" in message
+    assert "--overwrite" not in message and "resume" not in message
+    cli = _make(out)
+    assert "--overwrite" in cli.output and "choose another --out" in cli.output
+    assert "overwrite=True" not in cli.output
+    (tmp_path / "a_file").write_text("mine")
+    with pytest.raises(ConfigError, match="is a file; give out a folder"):
+        make_shapes_dataset(tmp_path / "a_file", config)
+    a_file = _make(tmp_path / "a_file")
+    assert a_file.exit_code == 2 and "is a file; give --out a folder" in a_file.output
+    assert (tmp_path / "a_file").read_text() == "mine"
+    # In Python too, overwrite=True replaces exactly the earlier data set.
+    make_shapes_dataset(out, config, overwrite=True)
+    assert len([k for k in _all_bytes(out) if k.startswith("images/")]) == 6
 
 
 def _write(path: Path, size: tuple[int, int], value: int, mode: str = "RGB") -> None:

@@ -3,6 +3,7 @@ real photos through the command line, parity between the two."""
 
 from __future__ import annotations
 
+import ast
 import copy
 import json
 from pathlib import Path
@@ -11,12 +12,16 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from PIL import Image
 
 import camlens
 from camlens import ConfigError
+from camlens.api import evaluate, evaluating
 from camlens.cli import main
-from camlens.evaluation import evaluate, resolve_metrics
 from camlens.io.samples import write_samples
+from camlens.metrics.registry import resolve_metrics
+from camlens.pipeline import OutputFolder, RunOptions
+from camlens.report import evaluate as report_evaluate
 from whitebox import colour_classifier, red_logit, square_image
 
 LOCALIZATION = ["maxboxacc", "maxboxacc_v2", "top1_loc", "gt_known_loc", "pointing_game"]
@@ -118,8 +123,9 @@ def test_cam_beats_the_random_baseline(squares):
 def test_batch_size_does_not_change_the_numbers(squares):
     csv = write_csv(squares / "boxes.csv", [(n, b, "red") for n, b in SQUARES.items()])
     kw = {"methods": ["gradcam"], "steps": 8}
-    one = evaluate(colour_classifier(), csv, batch_size=1, **kw)["methods"]["gradcam"]
-    many = evaluate(colour_classifier(), csv, batch_size=3, **kw)["methods"]["gradcam"]
+    one = evaluate(colour_classifier(), csv, options=RunOptions(batch_size=1), **kw)
+    many = evaluate(colour_classifier(), csv, options=RunOptions(batch_size=3), **kw)
+    one, many = one["methods"]["gradcam"], many["methods"]["gradcam"]
     assert one == pytest.approx(many)
 
 
@@ -172,6 +178,58 @@ def test_road_and_sanity_through_the_api_leave_the_model_alone(squares):
     stages = result["sanity"]["cam"]
     assert [s["stage"] for s in stages] == ["fc", "features"]
     assert values["sanity_spearman"] == stages[-1]["spearman"]
+
+
+# --- the report --------------------------------------------------------------------------------
+
+
+def test_the_report_draws_its_gallery_from_the_records_without_the_model(squares, monkeypatch):
+    csv = write_csv(squares / "boxes.csv", [(n, b, "red") for n, b in SQUARES.items()])
+    classifier = colour_classifier()
+    pipeline_run = evaluating.run
+
+    def run_then_break_the_model(*args, **kwargs):
+        result = pipeline_run(*args, **kwargs)
+
+        def broken(*_args, **_kwargs):
+            raise AssertionError("the model ran after the pipeline")
+
+        monkeypatch.setattr(classifier.module, "forward", broken)
+        return result
+
+    monkeypatch.setattr(evaluating, "run", run_then_break_the_model)
+    out = squares / "out"
+    result = evaluate(
+        classifier, csv, methods=["cam", "gradcam"], metrics="localization", out_dir=out, gallery=2
+    )
+    assert result["methods"]["cam"]["maxboxacc"] == 1.0
+    gallery = sorted((out / "gallery").rglob("*.png"))
+    assert [p.parent.name for p in gallery] == ["cam", "cam", "gradcam", "gradcam"]
+    html = (out / "report.html").read_text()
+    assert all(str(p.relative_to(out)) in html for p in gallery)
+    # The records store the raw maps of [top-1, annotated class]: CAM is GAIN on the square.
+    records = list(OutputFolder(out).log("evaluation.jsonl").records())
+    x0, y0, x1, y1 = SQUARES["a.png"]
+    square = np.zeros((64, 64), dtype=np.float32)
+    square[y0:y1, x0:x1] = 40.0
+    np.testing.assert_allclose(records[0]["arrays"]["cam"], np.stack([square, square]), atol=1e-4)
+    # The gallery card of a.png: the map (1 on the square) over the photo, its box in white and
+    # the ground truth in green on the square's edge.
+    with Image.open(next(p for p in gallery if "_a_c0" in p.name and p.parent.name == "cam")) as im:
+        pixels = np.asarray(im.convert("RGB"))
+    assert pixels.shape == (64, 64, 3) and tuple(pixels[y0, x0 + 6]) == (0, 220, 0)
+    # The report module draws from records and files only.
+    source = Path(report_evaluate.__file__).read_text()
+    imported = {
+        node.module for node in ast.walk(ast.parse(source)) if isinstance(node, ast.ImportFrom)
+    } | {
+        alias.name
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    }
+    forbidden = ("camlens.api", "camlens.methods", "camlens.models")
+    assert not [m for m in imported if m and m.startswith(forbidden)]
 
 
 # --- command line ----------------------------------------------------------------------------
@@ -236,3 +294,27 @@ def test_cli_configuration_errors_exit_2(tmp_path):
     both = ["evaluate", str(csv), "--samples", "--images", str(tmp_path), "--out", str(tmp_path)]
     result = CliRunner().invoke(main, both)
     assert result.exit_code == 2 and "either --samples or --images" in result.output
+
+
+def test_cli_exit_status_1_when_some_images_fail_2_when_none_is_evaluated(tmp_path):
+    write_samples(tmp_path, ["chelsea"])
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    rows = [("chelsea.png", (0, 0, 10, 10), "285"), ("broken.png", (0, 0, 4, 4), "285")]
+    csv = write_csv(tmp_path / "boxes.csv", rows)
+    options = ["--metrics", "maxboxacc", "--method", "cam", "--gallery", "1"]
+    result = CliRunner().invoke(
+        main, ["evaluate", str(csv), "--out", str(tmp_path / "a"), *options]
+    )
+    assert result.exit_code == 1, result.output
+    metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert (metrics["n_images"], metrics["n_failed"]) == (1, 1)
+    csv = write_csv(tmp_path / "bad.csv", rows[1:])
+    result = CliRunner().invoke(
+        main, ["evaluate", str(csv), "--out", str(tmp_path / "b"), *options]
+    )
+    assert result.exit_code == 2 and "no image could be evaluated" in result.output
+    # --max-channels reaches the methods that take it, and is refused when none does.
+    args = ["evaluate", str(csv), "--out", str(tmp_path / "c"), "--max-channels", "4"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and "takes the option(s) max_channels" in result.output
+    assert not (tmp_path / "c").exists()

@@ -1,5 +1,6 @@
 """``camlens evaluate`` at scale: per-image records folded into the metrics, resume after a
-kill, torn lines, refused folders and settings, and the Ray engine's parity with the local one.
+kill (by whole batches), torn lines, refused folders and settings, and the Ray engine's parity
+with the local one.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ import pytest
 from click.testing import CliRunner
 
 from camlens import ConfigError
+from camlens.api import evaluate
 from camlens.cli import main
-from camlens.evaluation import RECORDS_FILE, evaluate
 from camlens.metrics.localization import PixelPrecisionRecall
+from camlens.pipeline import RunOptions
+from camlens.tasks.evaluate import RECORDS_FILE
 from shapes_models import train_shapes_model
 from whitebox import colour_classifier, square_image
 
@@ -46,7 +49,7 @@ def reference(shapes):
     out = shapes / "reference"
     result = evaluate(
         str(shapes / "model"), str(shapes / "data"), methods="cam", metrics=METRICS,
-        steps=STEPS, batch_size=2, out_dir=out,
+        steps=STEPS, out_dir=out, options=RunOptions(batch_size=2),
     )  # fmt: skip
     return result, out
 
@@ -108,7 +111,8 @@ def test_metrics_folded_from_the_records_equal_the_in_memory_run(tmp_path):
     assert [r["iou"] for r in in_memory["per_image"]["cam"]] == [0.5, 0.25]
     # Folding again from the file alone (a resume with nothing left to do) gives the same.
     (out / "metrics.json").unlink()
-    assert evaluate(colour_classifier(), csv, out_dir=out, resume=True, **kw) == in_memory
+    resume = RunOptions(resume=True)
+    assert evaluate(colour_classifier(), csv, out_dir=out, options=resume, **kw) == in_memory
     assert json.loads((out / "metrics.json").read_text()) == in_memory
 
 
@@ -138,15 +142,18 @@ def test_torn_last_line_is_redone_and_done_images_are_skipped(tmp_path):
     square_image(tmp_path / "c.png", [("red", (20, 36, 28, 44))])
     with open(csv, "a") as handle:
         handle.write("c.png,20,36,28,44,red\n")
-    kw = {"methods": ["cam"], "metrics": "localization,deletion", "steps": 4, "batch_size": 2}
+    kw = {"methods": ["cam"], "metrics": "localization,deletion", "steps": 4}
     out = tmp_path / "out"
-    complete = evaluate(colour_classifier(), csv, out_dir=out, **kw)
+    complete = evaluate(
+        colour_classifier(), csv, out_dir=out, options=RunOptions(batch_size=2), **kw
+    )
     lines = (out / RECORDS_FILE).read_text().splitlines(keepends=True)
     first = json.loads(lines[0])
     first["methods"]["cam"]["instances"][0]["energy_pointing_game"] = 0.125  # a marker
     torn = json.dumps(first) + "\n" + lines[1] + lines[2][:50]
     (out / RECORDS_FILE).write_text(torn)
-    resumed = evaluate(colour_classifier(), csv, out_dir=out, resume=True, **kw)
+    resume = RunOptions(batch_size=2, resume=True)
+    resumed = evaluate(colour_classifier(), csv, out_dir=out, options=resume, **kw)
     records = _records(out)
     assert [r["index"] for r in records] == [0, 1, 2]
     assert records[2] == json.loads(lines[2])  # redone
@@ -158,18 +165,21 @@ def test_torn_last_line_is_redone_and_done_images_are_skipped(tmp_path):
     ]
 
 
-def test_records_are_put_back_in_input_order_one_per_image(tmp_path):
+def test_a_partial_batch_is_dropped_and_redone_whole(tmp_path):
     csv = _half_boxes(tmp_path)
-    kw = {"methods": ["cam"], "metrics": "maxboxacc", "batch_size": 1}
+    kw = {"methods": ["cam"], "metrics": "maxboxacc"}
     out = tmp_path / "out"
-    complete = evaluate(colour_classifier(), csv, out_dir=out, **kw)
+    complete = evaluate(
+        colour_classifier(), csv, out_dir=out, options=RunOptions(batch_size=2), **kw
+    )
     lines = (out / RECORDS_FILE).read_text().splitlines(keepends=True)
-    newer = json.loads(lines[0])
-    newer["methods"]["cam"]["predicted_label"] = "newer"
-    (out / RECORDS_FILE).write_text(lines[1] + lines[0] + json.dumps(newer) + "\n")
-    resumed = evaluate(colour_classifier(), csv, out_dir=out, resume=True, **kw)
+    partial = json.loads(lines[0])
+    partial["methods"]["cam"]["predicted_label"] = "partial"  # a marker
+    (out / RECORDS_FILE).write_text(json.dumps(partial) + "\n")  # half of the only batch
+    resume = RunOptions(batch_size=2, resume=True)
+    resumed = evaluate(colour_classifier(), csv, out_dir=out, options=resume, **kw)
     assert [r["index"] for r in _records(out)] == [0, 1]
-    assert _records(out)[0] == newer  # of two records of an image, the last written is kept
+    assert _records(out) == [json.loads(line) for line in lines]  # the marker is gone: redone
     assert resumed["methods"] == complete["methods"]
 
 
@@ -230,28 +240,36 @@ def test_non_empty_output_folder_is_refused_unless_resume_or_overwrite(shapes, t
     assert "is not empty" in result.output and "--resume" in result.output
     assert "--overwrite" in result.output
     assert CliRunner().invoke(main, [*args, "--resume", "--overwrite"]).exit_code == 2
+    # --overwrite removes only what camlens wrote: the user's metrics.json is in the way, and
+    # the run stops before any work, leaving the folder as it was.
     result = CliRunner().invoke(main, [*args, "--overwrite"])
-    assert result.exit_code == 0, result.output
-    assert (out / "notes.txt").read_text() == "mine"  # never removes the user's files
-    assert json.loads((out / "metrics.json").read_text())["n_images"] == 2
-    assert len(_records(out)) == 2 and (out / "gallery" / "cam").is_dir()
+    assert result.exit_code == 2 and "never replaces a file it did not write" in result.output
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "notes.txt"]
+    (out / "metrics.json").unlink()
+    for _ in range(2):  # the second time, --overwrite replaces camlens' own outputs
+        result = CliRunner().invoke(main, [*args, "--overwrite"])
+        assert result.exit_code == 0, result.output
+        assert (out / "notes.txt").read_text() == "mine"  # never removes the user's files
+        assert json.loads((out / "metrics.json").read_text())["n_images"] == 2
+        assert len(_records(out)) == 2 and (out / "gallery" / "cam").is_dir()
 
 
 def test_resume_with_other_settings_is_refused_naming_them(tmp_path):
     csv = _half_boxes(tmp_path)
     out = tmp_path / "out"
     evaluate(colour_classifier(), csv, methods=["cam"], metrics="maxboxacc", out_dir=out)
+    resume = RunOptions(resume=True)
     with pytest.raises(ConfigError, match=r"settings differ .*\(methods, metrics, steps\)"):
         evaluate(
             colour_classifier(), csv, methods=["gradcam"], metrics="deletion", steps=7,
-            out_dir=out, resume=True,
+            out_dir=out, options=resume,
         )  # fmt: skip
     (out / RECORDS_FILE).write_text((out / RECORDS_FILE).read_text().splitlines()[0] + "\n")
-    (out / "evaluation.json").unlink()
-    with pytest.raises(ConfigError, match=r"has no evaluation\.json"):
-        evaluate(colour_classifier(), csv, methods=["cam"], out_dir=out, resume=True)
+    (out / ".camlens" / "run.json").unlink()
+    with pytest.raises(ConfigError, match=r"holds no camlens run settings"):
+        evaluate(colour_classifier(), csv, methods=["cam"], out_dir=out, options=resume)
     with pytest.raises(ConfigError, match="give out_dir"):
-        evaluate(colour_classifier(), csv, methods=["cam"], resume=True)
+        evaluate(colour_classifier(), csv, methods=["cam"], options=resume)
 
 
 # --- Ray -------------------------------------------------------------------------------------
@@ -261,11 +279,12 @@ def test_ray_engine_equals_local_engine(shapes, reference):
     ray = pytest.importorskip("ray")
     expected, local = reference
     out = shapes / "ray"
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False)
     try:
         result = evaluate(
             str(shapes / "model"), str(shapes / "data"), methods="cam", metrics=METRICS,
-            steps=STEPS, batch_size=2, out_dir=out, engine="ray", workers=2,
+            steps=STEPS, out_dir=out,
+            options=RunOptions(batch_size=2, engine="ray", workers=2, progress=False),
         )  # fmt: skip
     finally:
         ray.shutdown()

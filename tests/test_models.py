@@ -89,7 +89,7 @@ def test_nested_and_prefixed_checkpoint_loads(resnet3, tmp_path):
 
 
 def test_builtin_model_takes_fine_tuned_weights_with_its_own_class_count(tmp_path):
-    fine_tuned = camlens.load_model("efficientnet_lite0", num_classes=4).module
+    fine_tuned = camlens.load_model("efficientnet_lite0", num_classes=4, random_weights=True).module
     with torch.no_grad():
         fine_tuned._fc.weight.normal_()
     safetensors_torch.save_file(fine_tuned.state_dict(), tmp_path / "lite4.safetensors")
@@ -112,7 +112,8 @@ def test_num_classes_conflicting_with_the_weights(resnet3):
 
 
 def test_num_classes_without_weights_builds_that_head():
-    assert camlens.load_model("torchvision:resnet18", num_classes=7).labels == list("0123456")
+    model = camlens.load_model("torchvision:resnet18", num_classes=7, random_weights=True)
+    assert model.labels == list("0123456")
 
 
 # --- whole-model files ------------------------------------------------------------------
@@ -319,7 +320,7 @@ CAM_REFUSED = {"torchvision:vgg11", "torchvision:mobilenet_v3_small", "torchvisi
 @pytest.fixture(scope="module")
 def architectures():
     torch.manual_seed(0)
-    return {spec: camlens.load_model(spec) for spec in ARCHITECTURES}
+    return {spec: camlens.load_model(spec, random_weights=True) for spec in ARCHITECTURES}
 
 
 @pytest.mark.parametrize("spec", ARCHITECTURES)

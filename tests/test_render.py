@@ -10,6 +10,7 @@ import pytest
 from matplotlib.figure import Figure
 from PIL import Image
 
+from camlens.pipeline import OutputFolder
 from camlens.render import colorize, overlay, save_figure, topk_figure
 from camlens.report.gallery import render_gallery, write_gallery
 
@@ -347,4 +348,6 @@ def test_write_gallery_writes_index_html(tmp_path) -> None:
     text = path.read_text(encoding="utf-8")
     assert text.startswith("<!doctype html>")
     assert text == render_gallery(_records(), title="T")
-    assert [p.name for p in path.parent.iterdir()] == ["index.html"]
+    # No temporary file is left behind; camlens' manifest (.camlens/) lists what it wrote.
+    assert sorted(p.name for p in path.parent.iterdir()) == [".camlens", "index.html"]
+    assert list(OutputFolder(path.parent).written()) == ["index.html"]

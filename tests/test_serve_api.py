@@ -205,7 +205,7 @@ def test_large_images_come_back_at_display_size_with_boxes_in_original_pixels(cl
 
 
 def test_perturbation_methods_use_the_most_active_channels():
-    app = create_app([tiny_classifier()], perturbation_channels=2)
+    app = create_app([tiny_classifier()], max_channels=2)
     image = noise_image(20, 12)
     with TestClient(app) as client:
         body = post_tiny(
@@ -219,6 +219,39 @@ def test_perturbation_methods_use_the_most_active_channels():
     expected = camlens.explain(classifier, [image], method=method)
     heat = colormap_indices(expected.heatmap(0, 0, original=True))
     np.testing.assert_array_equal(decode_data_url(body["maps"][0]["heatmap"]), heat)
+
+
+def test_server_method_options_reach_the_methods_that_take_them():
+    app = create_app([tiny_classifier()], smooth=3, method="gradcam")
+    image = noise_image(20, 12)
+    with TestClient(app) as client:
+        assert client.get("/api/models").json()["default_method"] == "gradcam"
+        files = {"file": ("n.png", png_bytes(image), "image/png")}
+        default = post_tiny(client, {}, files).json()  # no method: the server's, smoothed
+        cam = post_tiny(client, {"method": "cam"}, files).json()  # smooth does not apply
+    assert (default["method"], default["method_options"]) == ("gradcam", {"smooth": 3})
+    assert (cam["method"], cam["method_options"]) == ("cam", {})
+
+
+def test_old_server_option_names_still_work_with_a_deprecation_line(monkeypatch):
+    with pytest.warns(DeprecationWarning, match="threads"):
+        app = create_app([tiny_classifier()], workers=2, perturbation_channels=3)
+    assert app.state.queue.workers == 2
+    calls = {}
+
+    def fake_build(create, models, settings):
+        calls.update(settings)
+        raise SystemExit(0)
+
+    monkeypatch.setattr("camlens.cli.serve._build", fake_build)
+    result = CliRunner().invoke(
+        main, ["serve", "--workers", "3", "--perturbation-channels", "5", "--smooth", "2"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "--workers is deprecated; use --threads" in result.output
+    assert "--perturbation-channels is deprecated; use --max-channels" in result.output
+    assert (calls["threads"], calls["max_channels"], calls["smooth"]) == (3, 5, 2)
+    assert "--perturbation-channels" not in CliRunner().invoke(main, ["serve", "--help"]).output
 
 
 # --- configuration errors: 400 / 422 with a message -----------------------------------------
@@ -389,7 +422,7 @@ def wait_for(condition, timeout: float = 30.0) -> None:
 def test_a_full_queue_answers_503_with_retry_after_and_recovers():
     classifier = tiny_classifier()
     classifier.module.gate.clear()  # the worker blocks inside the model until we open it
-    app = create_app([classifier], workers=1, max_queue=1)
+    app = create_app([classifier], threads=1, max_queue=1)
     results: list = []
     with TestClient(app) as client:
 

@@ -50,7 +50,7 @@ from playwright.sync_api import Page, sync_playwright  # noqa: E402
 @pytest.fixture(scope="module")
 def server_url(builtin_model):
     # Few perturbed channels keep Score-CAM and Ablation-CAM quick in "compare methods".
-    app = create_app([builtin_model], perturbation_channels=8)
+    app = create_app([builtin_model], max_channels=8)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -38,7 +38,7 @@ def server():
     if not Path("/proc/self/status").exists():
         pytest.skip("the memory check reads /proc (Linux)")
     command = [sys.executable, "-c", "from camlens.cli import main; main()", "serve"]
-    options = ["--port", "0", "--max-queue", str(MAX_QUEUE), "--workers", "1"]
+    options = ["--port", "0", "--max-queue", str(MAX_QUEUE), "--threads", "1"]
     process = subprocess.Popen(
         command + options, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
     )

@@ -18,7 +18,7 @@ from camlens.errors import ConfigError
 from camlens.layers import find_cam_head
 from camlens.metrics.localization import energy_pointing_game
 from camlens.models.trained import load_trained
-from camlens.train import TrainConfig, augment_batch, train_classifier
+from camlens.training import TrainConfig, augment_batch, train_classifier
 
 TINY = TrainConfig(epochs=2, image_size=32, batch_size=16, seed=0)
 
@@ -48,6 +48,7 @@ def _val_paths(out: Path, data: Path) -> list[Path]:
 def test_a_run_writes_weights_config_metrics_and_split(run, shapes):
     out, result = run
     assert sorted(p.name for p in out.iterdir()) == [
+        ".camlens",  # the run's settings and the list of files camlens wrote
         "config.json",
         "metrics.json",
         "model.safetensors",
@@ -143,10 +144,14 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(shapes, tmp_pa
 
 def test_a_previous_run_is_kept_unless_resumed_or_overwritten(run, shapes, tmp_path):
     out, _ = run
-    with pytest.raises(ConfigError, match=r"already holds a training run.*--resume.*--overwrite"):
+    before = _files(out)
+    with pytest.raises(ConfigError, match=r"not empty.*resume=True.*overwrite=True.*another out"):
         _train(shapes, out)
-    with pytest.raises(ConfigError, match=r"other parameters \(batch_size: 16 -> 8\)"):
+    with pytest.raises(
+        ConfigError, match=r"settings differ.*\(batch_size\) - batch_size: 16 then, 8 now"
+    ):
         _train(shapes, out, TrainConfig(**{**TINY.__dict__, "batch_size": 8}), resume=True)
+    assert _files(out) == before  # refused runs touch nothing
     with pytest.warns(UserWarning, match="nothing to resume"):
         _train(
             shapes, tmp_path / "fresh", TrainConfig(**{**TINY.__dict__, "epochs": 1}), resume=True
@@ -156,6 +161,10 @@ def test_a_previous_run_is_kept_unless_resumed_or_overwritten(run, shapes, tmp_p
         shapes, tmp_path / "fresh", TrainConfig(**{**TINY.__dict__, "epochs": 1}), overwrite=True
     )
     assert (tmp_path / "fresh" / "metrics.json").read_text() == first
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
 
 def _folder(root: Path, counts: dict[str, int], size=(20, 20)) -> Path:
@@ -172,10 +181,12 @@ def test_bad_data_sets_give_clear_errors(tmp_path):
     one = _folder(tmp_path / "one", {"cat": 3})
     with pytest.raises(ConfigError, match="at least two classes"):
         _train(one, tmp_path / "m1")
+    assert not (tmp_path / "m1").exists()
     empty = _folder(tmp_path / "empty", {"cat": 3, "dog": 3})
     (empty / "bird").mkdir()
     with pytest.raises(ConfigError, match=r"'bird'.*contain no image files"):
         _train(empty, tmp_path / "m2")
+    assert not (tmp_path / "m2").exists()
     broken = _folder(tmp_path / "broken", {"cat": 3, "dog": 0})
     (broken / "dog" / "x.png").write_bytes(b"not an image")
     with (
@@ -212,10 +223,78 @@ def test_train_command(shapes, tmp_path):
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert config["training"]["augment"] is False
     again = runner.invoke(main, args)
-    assert again.exit_code == 2 and "already holds a training run" in again.output
+    assert again.exit_code == 2 and "is not empty" in again.output
     (tmp_path / "one" / "cat").mkdir(parents=True)
     bad = runner.invoke(main, ["train", str(tmp_path / "one"), "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "Error:" in bad.output and "at least two classes" in bad.output
+    assert not (tmp_path / "x").exists()  # a data set that cannot train leaves no --out
+
+
+# --- the output folder's rules (those of every camlens command) ---------------------------
+
+
+def test_refusals_name_the_options_of_the_interface_they_come_from(run, shapes, tmp_path):
+    out, _ = run
+    with pytest.raises(ConfigError) as python:
+        _train(shapes, out)
+    assert "resume=True" in str(python.value) and "overwrite=True" in str(python.value)
+    assert "--resume" not in str(python.value) and "--overwrite" not in str(python.value)
+    base = ["train", str(shapes), "--out", str(out), "--image-size", "32"]
+    cli = CliRunner().invoke(main, [*base, "--epochs", "1"])
+    assert cli.exit_code == 2
+    assert "--resume" in cli.output and "--overwrite" in cli.output and "--out" in cli.output
+    assert "=True" not in cli.output
+    other = CliRunner().invoke(main, [*base, "--batch-size", "8", "--resume"])
+    assert other.exit_code == 2 and "batch_size: 16 then, 8 now" in other.output
+    assert "start again with --overwrite" in other.output
+    both = CliRunner().invoke(main, [*base, "--resume", "--overwrite"])
+    assert both.exit_code == 2 and "--resume and --overwrite exclude each other" in both.output
+    (tmp_path / "file").write_text("mine")
+    a_file = CliRunner().invoke(main, ["train", str(shapes), "--out", str(tmp_path / "file")])
+    assert a_file.exit_code == 2 and "is a file" in a_file.output
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_overwrite_removes_the_old_run_and_keeps_the_users_files(shapes, tmp_path):
+    out = tmp_path / "m"
+    args = ["train", str(shapes), "--out", str(out), "--image-size", "32", "--batch-size", "16"]
+    assert CliRunner().invoke(main, [*args, "--epochs", "2"]).exit_code == 0
+    first_manifest = sorted((out / ".camlens" / "written").iterdir())
+    (out / "notes.txt").write_text("mine")
+    (out / "plots").mkdir()
+    (out / "plots" / "loss.png").write_bytes(b"mine too")
+    again = CliRunner().invoke(main, [*args, "--epochs", "1", "--overwrite"])
+    assert again.exit_code == 0, again.output
+    assert (out / "notes.txt").read_text() == "mine"
+    assert (out / "plots" / "loss.png").read_bytes() == b"mine too"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [e["epoch"] for e in metrics["epochs"]] == [1]  # the new run's, not the old one's
+    manifest = sorted((out / ".camlens" / "written").iterdir())
+    assert len(manifest) == 1 and manifest != first_manifest  # the old run's list is gone too
+    fresh = tmp_path / "fresh"
+    assert CliRunner().invoke(main, [*args, "--epochs", "1", "--out", str(fresh)]).exit_code == 0
+    for name in ("metrics.json", "model.safetensors", "split.json"):
+        assert (out / name).read_bytes() == (fresh / name).read_bytes(), name
+
+
+def test_a_file_camlens_did_not_write_is_never_replaced(shapes, tmp_path):
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / "config.json").write_text("mine")  # e.g. a model folder of an older camlens
+    with pytest.raises(ConfigError, match=r"config.json.*did not write"):
+        _train(shapes, out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]  # nothing else left
+    assert (out / "config.json").read_text() == "mine"
+
+
+def test_resume_with_other_data_is_refused_naming_what_differs(run, tmp_path):
+    out, _ = run
+    before = _files(out)
+    other = _folder(tmp_path / "other", {"cat": 4, "dog": 4}, size=(32, 32))
+    with pytest.raises(ConfigError, match=r"settings differ.*classes.*data.*n_images") as error:
+        _train(other, out, resume=True)
+    assert "overwrite=True" in str(error.value)
+    assert _files(out) == before
 
 
 def test_augmentation_is_seeded_and_scales_a_grey_image_by_its_brightness():
@@ -251,7 +330,7 @@ def test_other_backbones_become_cam_exact(
     assert architecture["recipe"] == recipe
     assert architecture.get("feature_layer") == feature_layer
     assert architecture.get("in_channels") == in_channels
-    model = load_trained(tmp_path / "m")
+    model = camlens.load_model(tmp_path / "m")  # a trained folder: no random_weights needed
     assert model.module.get_submodule("fc").out_features == 3
     x = model.preprocess(_val_paths(tmp_path / "m", shapes)[:4])
     head = find_cam_head(model.module, x)

@@ -1,39 +1,55 @@
 """camlens: see where a convolutional network looks.
 
-Public API::
+Public API (every name is imported on first use, so ``import camlens`` is quick and loads
+neither torch nor any plotting, templating or server library)::
 
     model = camlens.load_model("efficientnet_lite0")
     result = camlens.explain(model, ["cat.jpg"], method="cam", target="top5")
     result.raw, result.maps, result.boxes(), result.save("out/")
+
+    camlens.run_explain(model, ["photos/"], "out", options=camlens.RunOptions(batch_size=32))
+    camlens.evaluate(model, "boxes.csv", out_dir="eval_out")
+    camlens.audit(model, "data/", out_dir="audit_out")
+    camlens.train("data/", "my_model")
 """
 
-from importlib.metadata import PackageNotFoundError, version
+from __future__ import annotations
 
-from camlens.api import explain, make_method
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from camlens.errors import CamlensError, ConfigError
-from camlens.evaluation import evaluate
-from camlens.explanation import Explanation, normalize_maps
-from camlens.methods import (
-    CAM,
-    METHODS,
-    AblationCAM,
-    CAMMethod,
-    EigenCAM,
-    GradCAM,
-    GradCAMPlusPlus,
-    HiResCAM,
-    LayerCAM,
-    RandomCAM,
-    ScoreCAM,
-    XGradCAM,
-    get_method,
-)
-from camlens.models import Classifier, available_models, load_model
+from camlens.version import __version__
 
-try:
-    __version__ = version("camlens")
-except PackageNotFoundError:  # running from a source tree without installation
-    __version__ = "0.0.0"
+#: Public name -> the module that defines it.
+_EXPORTS = {
+    "explain": "camlens.api",
+    "run_explain": "camlens.api",
+    "evaluate": "camlens.api",
+    "audit": "camlens.api",
+    "train": "camlens.api",
+    "Explanation": "camlens.explanation",
+    "normalize_maps": "camlens.localize",
+    "RunOptions": "camlens.pipeline",
+    "RunResult": "camlens.pipeline",
+    "Classifier": "camlens.models",
+    "available_models": "camlens.models",
+    "load_model": "camlens.models",
+    "METHODS": "camlens.methods",
+    "get_method": "camlens.methods",
+    "make_method": "camlens.methods",
+    "CAMMethod": "camlens.methods",
+    "CAM": "camlens.methods",
+    "GradCAM": "camlens.methods",
+    "GradCAMPlusPlus": "camlens.methods",
+    "HiResCAM": "camlens.methods",
+    "XGradCAM": "camlens.methods",
+    "LayerCAM": "camlens.methods",
+    "ScoreCAM": "camlens.methods",
+    "AblationCAM": "camlens.methods",
+    "EigenCAM": "camlens.methods",
+    "RandomCAM": "camlens.methods",
+}
 
 __all__ = [
     "CAM",
@@ -50,9 +66,12 @@ __all__ = [
     "HiResCAM",
     "LayerCAM",
     "RandomCAM",
+    "RunOptions",
+    "RunResult",
     "ScoreCAM",
     "XGradCAM",
     "__version__",
+    "audit",
     "available_models",
     "evaluate",
     "explain",
@@ -60,4 +79,43 @@ __all__ = [
     "load_model",
     "make_method",
     "normalize_maps",
+    "run_explain",
+    "train",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'camlens' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
+
+
+if TYPE_CHECKING:  # for type checkers and editors; not imported at run time
+    from camlens.api import audit, evaluate, explain, run_explain, train
+    from camlens.explanation import Explanation
+    from camlens.localize import normalize_maps
+    from camlens.methods import (
+        CAM,
+        METHODS,
+        AblationCAM,
+        CAMMethod,
+        EigenCAM,
+        GradCAM,
+        GradCAMPlusPlus,
+        HiResCAM,
+        LayerCAM,
+        RandomCAM,
+        ScoreCAM,
+        XGradCAM,
+        get_method,
+        make_method,
+    )
+    from camlens.models import Classifier, available_models, load_model
+    from camlens.pipeline import RunOptions, RunResult

@@ -12,39 +12,21 @@ The heat-map contract, the same everywhere in camlens:
 
 from __future__ import annotations
 
+import base64
 import functools
+import html
+import io
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
-from camlens.localize import Box, box_from_map, scale_box
-
-
-def normalize_maps(raw: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """``relu(raw)`` upsampled to ``size`` = (H, W) and divided by each map's maximum.
-
-    Parameters:
-        raw: (N, K, h, w) signed maps.
-        size: output (height, width).
-
-    Returns:
-        (N, K, H, W) float32 in [0, 1].
-
-    Example:
-        >>> normalize_maps(torch.tensor([[[[-1.0, 2.0]]]]), (1, 2))
-        tensor([[[[0., 1.]]]])
-    """
-    n, k, h, w = raw.shape
-    positive = raw.float().relu().reshape(n * k, 1, h, w)
-    if (h, w) != tuple(size):
-        positive = F.interpolate(positive, size=size, mode="bilinear", align_corners=False)
-    peak = positive.amax(dim=(-2, -1), keepdim=True)
-    maps = torch.where(peak > 0, positive / peak.clamp_min(1e-30), torch.zeros_like(positive))
-    return maps.reshape(n, k, *size)
+from camlens.localize import Box, box_from_map, normalize_maps, scale_box
+from camlens.methods import MethodResult
+from camlens.render import overlay
 
 
 @dataclass
@@ -61,6 +43,7 @@ class Explanation:
         labels: class names.
         images: the original images (for overlays and original-pixel boxes), or None.
         identity_error: CAM only: max |mean(M_c) + b_c - y_c| over the batch.
+        sources: the inputs' names (their paths), or None; ``save`` names files after them.
     """
 
     raw: torch.Tensor
@@ -72,6 +55,64 @@ class Explanation:
     labels: list[str] = field(default_factory=list)
     images: list[Image.Image] | None = None
     identity_error: float | None = None
+    sources: list[str] | None = None
+
+    @classmethod
+    def from_result(
+        cls,
+        result: MethodResult,
+        method: str,
+        input_size: tuple[int, int],
+        labels: Sequence[str],
+        *,
+        images: list[Image.Image] | None = None,
+        sources: list[str] | None = None,
+    ) -> Explanation:
+        """The Explanation of one method call (tensors moved to the CPU).
+
+        Example:
+            >>> Explanation.from_result(method.run(x, "top1"), method.name, (224, 224), labels)
+        """
+        return cls(
+            raw=result.raw.cpu(),
+            targets=result.targets.cpu(),
+            logits=result.logits.float().cpu(),
+            method=method,
+            layer=result.layer,
+            input_size=(int(input_size[0]), int(input_size[1])),
+            labels=list(labels),
+            images=images,
+            identity_error=result.identity_error,
+            sources=sources,
+        )
+
+    def __repr__(self) -> str:
+        n, k, h, w = self.raw.shape
+        targets = str(self.targets[:3].tolist())
+        if len(self) > 3:
+            targets = targets[:-1] + ", ...]"
+        return (
+            f"Explanation(method={self.method!r}, layer={self.layer!r}, n={n}, k={k}, "
+            f"raw={h}x{w}, input={self.input_size[0]}x{self.input_size[1]}, targets={targets})"
+        )
+
+    def _repr_html_(self) -> str:
+        """Notebooks show the overlays (the first four images, every target), not tensors."""
+        cells = []
+        for i in range(min(len(self), 4)):
+            for k, image in enumerate(self.image_overlays(i)):
+                thumbnail = image.copy()
+                thumbnail.thumbnail((192, 192))
+                buffer = io.BytesIO()
+                thumbnail.save(buffer, format="PNG")
+                data = base64.b64encode(buffer.getvalue()).decode("ascii")
+                class_id = int(self.targets[i, k])
+                caption = html.escape(f"{i}: {self.label(class_id)} ({class_id})")
+                cells.append(
+                    f'<figure style="display:inline-block;margin:4px"><img '
+                    f'src="data:image/png;base64,{data}"><figcaption>{caption}</figcaption></figure>'
+                )
+        return f"<div><code>{html.escape(repr(self))}</code><br>{''.join(cells)}</div>"
 
     def __len__(self) -> int:
         return self.raw.shape[0]
@@ -90,6 +131,10 @@ class Explanation:
     def maps(self) -> torch.Tensor:
         """(N, K, H, W) float32 in [0, 1] at input resolution (see the module docstring)."""
         return normalize_maps(self.raw, self.input_size)
+
+    def source(self, i: int) -> str:
+        """The name of input ``i``: its path, else ``image<i>``."""
+        return self.sources[i] if self.sources is not None else f"image{i}"
 
     def label(self, index: int) -> str:
         return self.labels[index] if 0 <= index < len(self.labels) else str(index)
@@ -142,8 +187,6 @@ class Explanation:
         self, i: int, *, colormap: str = "jet", alpha: float = 0.5, threshold: float | None = 0.2
     ) -> list[Image.Image]:
         """Overlays of image ``i``, one per target (see ``overlays``)."""
-        from camlens.render import overlay
-
         boxes = self.image_boxes(i, threshold, original=True) if threshold is not None else None
         image = self.display_image(i)
         return [
@@ -163,11 +206,36 @@ class Explanation:
             return self.images[i]
         return Image.new("RGB", (self.input_size[1], self.input_size[0]), (128, 128, 128))
 
-    def save(self, directory: str | Path, *, names: list[str] | None = None, **style) -> list[dict]:
-        """Write overlays, raw maps, ``results.jsonl`` and ``index.html`` into ``directory``.
+    def save(
+        self,
+        directory: str | Path,
+        *,
+        names: list[str] | None = None,
+        overwrite: bool = False,
+        colormap: str = "jet",
+        alpha: float = 0.5,
+        threshold: float = 0.2,
+    ) -> list[dict]:
+        """Write the files ``camlens explain`` writes: overlays, raw maps, ``results.jsonl``
+        and ``index.html``, under the same names and with the same folder rules (a non-empty
+        ``directory`` is refused unless ``overwrite=True``, which removes only what camlens
+        wrote there).
 
-        Returns the result records (the same objects as the lines of ``results.jsonl``).
+        Parameters:
+            directory: the output folder (created).
+            names: the inputs' names for the records and file names (default: the paths the
+                images were read from, else ``image0``, ``image1``...).
+            overwrite: replace camlens' earlier outputs in ``directory``.
+            colormap, alpha, threshold: how the overlays look, and the box threshold.
+
+        Returns:
+            The records (the lines of ``results.jsonl``).
         """
-        from camlens.runner import save_explanation
+        # The explain task's writer and the gallery live above this module; the one import
+        # against the layer order (declared in pyproject's import-linter contract).
+        from camlens.api.explaining import save_explanation
 
-        return save_explanation(self, Path(directory), names=names, **style)
+        return save_explanation(
+            self, directory, names=names, overwrite=overwrite, colormap=colormap, alpha=alpha,
+            threshold=threshold,
+        )  # fmt: skip

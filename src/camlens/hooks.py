@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 from collections.abc import Iterator
+from typing import Self
 
 import torch
 from torch import nn
@@ -49,7 +50,36 @@ def preserved_state(module: nn.Module) -> Iterator[nn.Module]:
             p.requires_grad_(flag)
 
 
-class LayerCapture:
+class ForwardHook:
+    """Base of the context managers that attach one forward hook to ``layer``.
+
+    Entering calls ``reset()`` and registers ``_hook`` (which subclasses implement, with the
+    signature of ``nn.Module.register_forward_hook``); exiting always removes the hook, also
+    when the forward pass raised.
+    """
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.layer = layer
+        self._handle: torch.utils.hooks.RemovableHandle | None = None
+
+    def _hook(self, module: nn.Module, inputs: object, output: object) -> object:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Clear per-use state before the hook is attached (nothing by default)."""
+
+    def __enter__(self) -> Self:
+        self.reset()
+        self._handle = self.layer.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+
+class LayerCapture(ForwardHook):
     """Record the output of ``layer`` on one of its calls during a forward pass.
 
     A module may run more than once in one forward (a shared activation module, a reused
@@ -74,12 +104,11 @@ class LayerCapture:
     def __init__(self, layer: nn.Module, *, call: int = -1, track_gradients: bool = False):
         if call < -1:
             raise ConfigError(f"call must be -1 (the last call) or >= 0, got {call}")
-        self.layer = layer
+        super().__init__(layer)
         self.call = call
         self.track_gradients = track_gradients
         self.n_calls = 0
         self._outputs: list[torch.Tensor] = []
-        self._handle: torch.utils.hooks.RemovableHandle | None = None
 
     def _hook(self, module: nn.Module, inputs: object, output: object) -> torch.Tensor:
         if not isinstance(output, torch.Tensor):
@@ -109,13 +138,6 @@ class LayerCapture:
             )
         return self._outputs[0]
 
-    def __enter__(self) -> LayerCapture:
+    def reset(self) -> None:
         self.n_calls = 0
         self._outputs = []
-        self._handle = self.layer.register_forward_hook(self._hook)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None

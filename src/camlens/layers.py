@@ -19,7 +19,7 @@ from torch import nn
 
 from camlens.errors import ConfigError
 from camlens.hooks import get_layer, preserved_state
-from camlens.outputs import OutputSpec, select_logits
+from camlens.models.outputs import OutputSpec, select_logits
 
 _SKIPPED = ("Pool", "Flatten", "Identity")
 

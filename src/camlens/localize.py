@@ -1,4 +1,7 @@
-"""Boxes from maps: Zhou et al. 2016's rule.
+"""From raw maps to normalised maps, and boxes from maps: Zhou et al. 2016's rule.
+
+``normalize_maps`` is the heat-map contract's one normalisation (``relu``, bilinear
+upsampling, division by the maximum); every map camlens shows or measures goes through it.
 
 Keep the pixels above ``threshold`` x the map's maximum (20 % in the CAM paper), take the
 largest connected component (8-connectivity, ``scipy.ndimage.label``) and return its bounding
@@ -9,11 +12,36 @@ box. Boxes are ``(x0, y0, x1, y1)`` in pixel-edge coordinates: the box covers co
 from __future__ import annotations
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from scipy import ndimage
 
 Box = tuple[int, int, int, int]
 
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+
+
+def normalize_maps(raw: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``relu(raw)`` upsampled to ``size`` = (H, W) and divided by each map's maximum.
+
+    Parameters:
+        raw: (N, K, h, w) signed maps.
+        size: output (height, width).
+
+    Returns:
+        (N, K, H, W) float32 in [0, 1].
+
+    Example:
+        >>> normalize_maps(torch.tensor([[[[-1.0, 2.0]]]]), (1, 2))
+        tensor([[[[0., 1.]]]])
+    """
+    n, k, h, w = raw.shape
+    positive = raw.float().relu().reshape(n * k, 1, h, w)
+    if (h, w) != tuple(size):
+        positive = F.interpolate(positive, size=size, mode="bilinear", align_corners=False)
+    peak = positive.amax(dim=(-2, -1), keepdim=True)
+    maps = torch.where(peak > 0, positive / peak.clamp_min(1e-30), torch.zeros_like(positive))
+    return maps.reshape(n, k, *size)
 
 
 def box_from_map(heatmap: np.ndarray, threshold: float = 0.2) -> Box | None:

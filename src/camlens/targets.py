@@ -95,13 +95,81 @@ def _class_id(target: Any, labels: Sequence[str] | None, n_classes: int) -> int:
 
 
 def class_index(name: str, labels: Sequence[str] | None) -> int:
-    """Index of the class called ``name`` (case-insensitive); clear error with close names."""
+    """Index of the class called ``name`` (case-insensitive); a clear error with the classes
+    meant most likely otherwise (see :func:`similar_classes`).
+
+    Example:
+        >>> class_index("Tabby", ["Egyptian cat", "tabby"])
+        1
+    """
     if not labels:
         raise ConfigError(f"class name {name!r} given, but the model has no class names")
     lowered = [label.lower() for label in labels]
     key = name.strip().lower()
     if key in lowered:
         return lowered.index(key)
-    close = difflib.get_close_matches(key, lowered, n=5, cutoff=0.6)
-    hint = f" Did you mean: {', '.join(labels[lowered.index(c)] for c in close)}?" if close else ""
+    close = similar_classes(name, labels)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
     raise ConfigError(f"no class is called {name!r}.{hint}")
+
+
+def similar_classes(name: str, labels: Sequence[str], n: int = 5) -> list[str]:
+    """Up to ``n`` class names a user typing ``name`` may mean: those that contain it as a
+    word (``cat`` -> ``Egyptian cat``, ``tiger cat``), then those that contain it, then the
+    closest spellings.
+
+    Example:
+        >>> similar_classes("cat", ["crate", "Egyptian cat", "tiger cat", "catamaran", "castle"])
+        ['Egyptian cat', 'tiger cat', 'catamaran', 'crate', 'castle']
+    """
+    key = name.strip().lower()
+    lowered = [label.lower() for label in labels]
+    words = [i for i, label in enumerate(lowered) if key in re.split(r"[^a-z0-9]+", label)]
+    parts = [i for i, label in enumerate(lowered) if key in label and i not in words]
+    spelled = [
+        lowered.index(c)
+        for c in difflib.get_close_matches(key, lowered, n=n, cutoff=0.6)
+        if lowered.index(c) not in words + parts
+    ]
+    return [labels[i] for i in [*words, *parts, *spelled][:n]]
+
+
+def check_target(target: Target, labels: Sequence[str] | None) -> None:
+    """Check a target that does not depend on the images (``"topK"``, a class name or id)
+    before any work, against the model's class names.
+
+    Raises:
+        ConfigError: an unknown class name (with close names), an id or K out of range.
+
+    Example:
+        >>> check_target("Egyptian cta", ["Egyptian cat", "tabby"])
+        Traceback (most recent call last):
+        camlens.errors.ConfigError: no class is called 'Egyptian cta'. Did you mean: Egyptian cat?
+    """
+    if not isinstance(target, (str, int)) or isinstance(target, bool):
+        return
+    if not labels:
+        if isinstance(target, str) and not (
+            _TOPK.match(target.strip()) or target.strip().isdigit()
+        ):
+            class_index(target, labels)
+        return
+    resolve_targets(target, torch.zeros(1, len(labels)), labels)
+
+
+def describe_target(target: Target) -> Any:
+    """A JSON-ready description of a target (for a run's settings).
+
+    Example:
+        >>> describe_target("top5"), describe_target(torch.tensor([3, 4]))
+        ('top5', [3, 4])
+    """
+    if isinstance(target, torch.Tensor):
+        return target.tolist()
+    if isinstance(target, (str, int)):
+        return target
+    if callable(target):
+        return (
+            f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', repr(target))}"
+        )
+    return [describe_target(item) for item in target]

@@ -2,42 +2,40 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
+from camlens.api.auditing import audit as audit_job
 from camlens.cli.common import (
     EXIT_OK,
+    EXIT_SOME_FAILED,
     EXIT_USAGE,
-    device_option,
-    engine_options,
     layer_option,
     load_classifier,
+    method_kwargs,
+    method_options,
     model_options,
+    out_option,
+    run_options,
     run_or_exit,
 )
-from camlens.methods import METHODS
+from camlens.methods import get_method
+from camlens.pipeline import RunOptions
+from camlens.shortcuts.core import AuditSettings, describe_place
+from camlens.shortcuts.data import LABEL_SOURCES
 
 
 @click.command()
 @click.argument("data", type=click.Path(path_type=Path, file_okay=False))
-@click.option(
-    "--out",
-    "out_dir",
-    required=True,
-    type=click.Path(path_type=Path, file_okay=False),
-    help="Output folder (created): audit.json, report.html, figures/, maps/ (the stored map "
-    "batches) and audit_run.json (the settings).",
+@out_option(
+    "Output folder (created): audit.json, report.html, figures/, and the stored map pass "
+    "(maps.jsonl, maps/) with the run's settings (.camlens/run.json) for --resume."
 )
 @model_options
-@click.option(
-    "--method",
-    default="cam",
-    show_default=True,
-    type=click.Choice(sorted(METHODS), case_sensitive=False),
-    help="Map method: cam (exact, GAP + linear heads), gradcam (any CNN), ...",
-)
+@method_options
 @layer_option
 @click.option(
     "--classes",
@@ -54,7 +52,7 @@ from camlens.methods import METHODS
 )
 @click.option(
     "--labels-from",
-    type=click.Choice(["auto", "folders", "predictions"]),
+    type=click.Choice(LABEL_SOURCES),
     default="auto",
     show_default=True,
     help="Class of each image: its folder (DATA/<class>/...) or the model's prediction; auto: "
@@ -66,14 +64,6 @@ from camlens.methods import METHODS
     default=None,
     help="Audit a seeded random sample of at most N images.",
 )
-@click.option(
-    "--batch-size",
-    default=32,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Images per pass.",
-)
-@device_option
 @click.option(
     "--confirm-images",
     default=100,
@@ -89,7 +79,7 @@ from camlens.methods import METHODS
     help="How the erase test removes a region: blur it away or fill it with the mean colour.",
 )
 @click.option("--seed", default=0, show_default=True, type=int, help="Seeds samples and tests.")
-@engine_options
+@run_options
 def audit(
     data: Path,
     out_dir: Path,
@@ -98,21 +88,17 @@ def audit(
     labels: Path | None,
     trust_model: bool,
     method: str,
+    max_channels: int | None,
+    smooth: int,
     layer: str | None,
     classes: tuple[str, ...],
     annotations: Path | None,
     labels_from: str,
     max_images: int | None,
-    batch_size: int,
-    device: str,
     confirm_images: int,
     erase: str,
     seed: int,
-    engine: str,
-    ray_address: str | None,
-    workers: int | None,
-    resume: bool,
-    overwrite: bool,
+    options: RunOptions,
 ) -> None:
     """Search a data set for shortcuts the model uses: audit.json and report.html.
 
@@ -123,12 +109,11 @@ def audit(
     does it make the model say the class? Erased, does the confidence fall? Both against
     random regions of the same size.
 
-    The maps of each batch are stored in OUT/maps/ as they are made, so a killed audit
-    continues with --resume (same settings, checked against OUT/audit_run.json): stored
-    batches are read back, only the missing ones are computed, and the result is the one an
-    uninterrupted run gives. A non-empty --out is refused unless --resume or --overwrite
-    (which removes only camlens' audit outputs). --engine ray computes the maps on Ray actors
-    with the same result.
+    The maps of each batch are stored in --out as they are made, so a killed audit continues
+    with --resume (same settings and inputs, checked): the complete batches are read back,
+    the rest is computed, and the result is the one an uninterrupted run gives. A non-empty
+    --out is refused unless --resume or --overwrite (which removes only what camlens wrote
+    there). --engine ray computes the maps on Ray actors with the same result.
 
     \b
     Example (a data set with a planted shortcut, and a model trained on it):
@@ -138,51 +123,46 @@ def audit(
         --out shapes_audit
       (killed? the same command with --resume continues it)
 
-    Exit status: 0 the audit ran (flags are findings, not errors), 2 usage or configuration
-    error, or no image could be read.
+    Exit status: 0 every image was read (flags are findings, not failures), 1 some images
+    could not be read (the rest was audited), 2 usage or configuration error, or no image
+    could be read.
     """
-    from camlens.audit import AuditSettings, run_audit
-
+    method_name = run_or_exit(lambda: get_method(method).name)
     names = [name.strip() for item in classes for name in item.split(",") if name.strip()]
-
-    def job() -> dict[str, Any]:
-        classifier = load_classifier(
-            model_spec, device, weights=weights, labels=labels, trust_model=trust_model
-        )
-        return run_audit(
-            classifier,
+    result = run_or_exit(
+        lambda: audit_job(
+            lambda: load_classifier(
+                model_spec, options.device, weights=weights, labels=labels, trust_model=trust_model
+            ),
             data,
             out_dir,
-            method=method,
+            method=method_name,
             layer=layer,
+            method_options=method_kwargs(max_channels, smooth),
             classes=names or None,
             annotations=annotations,
             labels_from=labels_from,
             max_images=max_images,
-            batch_size=batch_size,
-            engine=engine,
             seed=seed,
             settings=AuditSettings(confirm_images=confirm_images, erase=erase),
-            progress=True,
-            ray_address=ray_address,
-            workers=workers,
-            resume=resume,
-            overwrite=overwrite,
+            options=options,
         )
-
-    result = run_or_exit(job)
-    click.echo(_terminal_summary(result))
+    )
+    click.echo(terminal_summary(result))
     click.echo(f"-> {out_dir / 'audit.json'}, {out_dir / 'report.html'}")
+    sys.exit(exit_status(result))
+
+
+def exit_status(result: dict[str, Any]) -> int:
+    """0: every image was read; 1: some could not be read; 2: none could be read."""
     if result["n_images"] == 0:
         click.echo("Error: no image could be read; see 'errors' in audit.json", err=True)
-        raise SystemExit(EXIT_USAGE)
-    raise SystemExit(EXIT_OK)
+        return EXIT_USAGE
+    return EXIT_SOME_FAILED if result["n_failed"] else EXIT_OK
 
 
-def _terminal_summary(result: dict[str, Any]) -> str:
+def terminal_summary(result: dict[str, Any]) -> str:
     """Counts, one line per flag, and the plain-language summary."""
-    from camlens.audit import describe_place
-
     lines = [
         f"audited {result['n_images']} images of {len(result['classes'])} classes "
         f"({result['n_failed']} unreadable) in {result['seconds']} s"

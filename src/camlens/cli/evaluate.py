@@ -2,52 +2,47 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
 
+from camlens.api.evaluating import evaluate as run_evaluation
 from camlens.cli.common import (
     EXIT_OK,
+    EXIT_SOME_FAILED,
     EXIT_USAGE,
-    device_option,
-    engine_options,
     layer_option,
     load_classifier,
+    method_kwargs,
+    method_options,
+    model_options,
+    out_option,
+    run_options,
     run_or_exit,
 )
 from camlens.errors import ConfigError
-from camlens.models import DEFAULT_MODEL, available_models
+from camlens.io.samples import write_samples
+from camlens.metrics.registry import GROUPS
+from camlens.pipeline import OutputFolder, RunOptions
+
+#: ``--method``'s default here: two methods to compare.
+DEFAULT_METHODS = "cam,gradcam"
 
 
-@click.command()
+@click.command(context_settings={"default_map": {"method": DEFAULT_METHODS}})
 @click.argument("annotations", type=click.Path(path_type=Path))
-@click.option(
-    "--out",
-    "out_dir",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="Output folder (created): metrics.json, report.html, curves/, gallery/, "
-    "evaluation.jsonl (one record per image) and evaluation.json (the settings).",
+@out_option(
+    "Output folder (created): metrics.json, report.html, curves/, gallery/, and "
+    "evaluation.jsonl (one record per image; the maps the report shows in parts/)."
 )
-@click.option(
-    "--model",
-    "model_spec",
-    default=DEFAULT_MODEL,
-    show_default=True,
-    help=f"Model: {', '.join(available_models())}.",
-)
-@click.option(
-    "--method",
-    "methods",
-    default="cam,gradcam",
-    show_default=True,
-    help="Comma-separated methods (camlens.METHODS), or 'all'.",
-)
+@model_options
+@method_options
 @click.option(
     "--metrics",
     default=None,
-    help="Comma-separated metrics or groups (localization, faithfulness, confidence, "
-    "deletion, insertion, mask, road, sanity, all). Default: localization and faithfulness.",
+    help=f"Comma-separated metrics or groups ({', '.join(GROUPS)}). "
+    "Default: localization and faithfulness.",
 )
 @click.option(
     "--images",
@@ -64,14 +59,6 @@ from camlens.models import DEFAULT_MODEL, available_models
     "...): write them to OUT/samples and read the images from there.",
 )
 @layer_option
-@click.option(
-    "--batch-size",
-    default=16,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Images per method call and perturbed inputs per forward pass.",
-)
-@device_option
 @click.option(
     "--steps",
     default=100,
@@ -115,18 +102,21 @@ from camlens.models import DEFAULT_MODEL, available_models
     help="Images used by the sanity check (with --metrics sanity).",
 )
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed (ROAD, sanity).")
-@engine_options
+@run_options
 def evaluate(
     annotations: Path,
     out_dir: Path,
     model_spec: str,
-    methods: str,
+    weights: Path | None,
+    labels: Path | None,
+    trust_model: bool,
+    method: str,
+    max_channels: int | None,
+    smooth: int,
     metrics: str | None,
     image_root: Path | None,
     samples: bool,
     layer: str | None,
-    batch_size: int,
-    device: str,
     steps: int,
     deletion_baseline: str,
     insertion_baseline: str,
@@ -134,93 +124,68 @@ def evaluate(
     gallery: int,
     sanity_images: int,
     seed: int,
-    engine: str,
-    ray_address: str | None,
-    workers: int | None,
-    resume: bool,
-    overwrite: bool,
+    options: RunOptions,
 ) -> None:
     """Score heat-map methods on annotated images: metrics.json and report.html.
 
     ANNOTATIONS is a CSV (image,x0,y0,x1,y1,label), a COCO .json, Pascal VOC .xml files or a
-    folder with images/ and masks/. Labels are the model's class names.
+    folder with images/ and masks/. Labels are the model's class names. --method takes a
+    comma-separated list or 'all' (default: cam,gradcam); --max-channels and --smooth reach
+    every method that takes them.
 
-    Each image's numbers are appended to OUT/evaluation.jsonl as its batch completes, so a
-    killed run continues with --resume (same settings; images already recorded are skipped).
-    A non-empty --out is refused unless --resume or --overwrite. --engine ray spreads the
-    images over Ray actors with the same results.
+    Each batch's records are appended to OUT/evaluation.jsonl as it completes, so a killed
+    run continues with --resume (same settings; complete batches are kept). A non-empty --out
+    is refused unless --resume or --overwrite (which removes only what camlens wrote there).
+    --engine ray spreads the batches over Ray actors with the same results.
 
     \b
     Example (hand-drawn boxes of the bundled photos, shipped in the repository):
       camlens evaluate data/sample_boxes.csv --samples --out eval_out
       camlens evaluate boxes.csv --out eval_out --engine ray --resume
 
-    Exit status: 0 evaluated (unreadable images are listed in metrics.json), 2 usage or
-    configuration error, or no image could be evaluated.
+    Exit status: 0 all images evaluated, 1 some images could not be read (listed in
+    metrics.json), 2 usage or configuration error, or no image could be evaluated.
     """
-    from camlens.evaluation import OUTPUT_ENTRIES, RECORDS_FILE, make_methods
-    from camlens.evaluation import evaluate as run_evaluation
-    from camlens.io.annotations import load_annotations
-    from camlens.report.evaluate import write_evaluation_report
-    from camlens.runner import prepare_output
 
     def job() -> dict:
+        if samples and image_root is not None:
+            raise ConfigError("use either --samples or --images, not both")
+        folder = OutputFolder(out_dir, spell=options.spell)
         root = image_root
-        continuing = resume
         if samples:
-            if image_root is not None:
-                raise ConfigError("use either --samples or --images, not both")
-            from camlens.io.samples import write_samples
-
-            # The photos go into OUT, and must be there before the annotations are read: check
-            # the folder first, then let the evaluation continue in it.
-            prepare_output(
-                out_dir, resume=resume, overwrite=overwrite, entries=OUTPUT_ENTRIES,
-                results=RECORDS_FILE, key="index",
-            )  # fmt: skip
-            write_samples(out_dir / "samples")
-            root, continuing = out_dir / "samples", True
-        classifier = load_classifier(model_spec, device)
-        instances = {m.name: m for m in make_methods(classifier, methods, layer)}
-        result = run_evaluation(
-            classifier,
+            # The photos go into OUT, and must be there before the annotations are read.
+            folder.check(resume=options.resume, overwrite=options.overwrite)
+            folder.prepare(resume=options.resume, overwrite=options.overwrite)
+            write_samples(lambda name: folder.path(f"samples/{name}"))
+            root = folder.root / "samples"
+        return run_evaluation(
+            lambda: load_classifier(
+                model_spec, options.device, weights=weights, labels=labels, trust_model=trust_model
+            ),
             annotations,
-            image_root=root,
-            methods=list(instances.values()),
+            methods=method,
             metrics=metrics,
+            image_root=root,
             layer=layer,
-            batch_size=batch_size,
+            method_options=method_kwargs(max_channels, smooth),
             steps=steps,
             deletion_baseline=deletion_baseline,
             insertion_baseline=insertion_baseline,
             tolerance=tolerance,
             sanity_images=sanity_images,
             seed=seed,
-            progress=True,
-            out_dir=out_dir,
-            resume=continuing,
-            overwrite=overwrite and not samples,
-            engine=engine,
-            ray_address=ray_address,
-            workers=workers,
-        )
-        write_evaluation_report(
-            out_dir,
-            result,
-            classifier=classifier,
-            annotations=load_annotations(annotations, image_root=root) if gallery else None,
+            out_dir=folder,
             gallery=gallery,
-            methods=instances,
+            options=options,
         )
-        return result
 
     result = run_or_exit(job)
     click.echo(_summary_table(result))
     click.echo(f"-> {out_dir / 'metrics.json'}, {out_dir / 'report.html'}")
     if result["n_images"] == 0:
         click.echo("Error: no image could be evaluated; see 'errors' in metrics.json", err=True)
-        raise SystemExit(EXIT_USAGE)
-    raise SystemExit(EXIT_OK)
+        sys.exit(EXIT_USAGE)
+    sys.exit(EXIT_SOME_FAILED if result["n_failed"] else EXIT_OK)
 
 
 def _summary_table(result: dict) -> str:

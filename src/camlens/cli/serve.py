@@ -8,7 +8,17 @@ from pathlib import Path
 
 import click
 
-from camlens.cli.common import EXIT_USAGE, run_or_exit
+from camlens.cli.common import (
+    EXIT_USAGE,
+    METHOD_HELP,
+    deprecated_option,
+    device_option,
+    layer_option,
+    load_classifier,
+    model_file_options,
+    run_or_exit,
+)
+from camlens.errors import ConfigError
 from camlens.models import DEFAULT_MODEL
 
 
@@ -54,20 +64,40 @@ from camlens.models import DEFAULT_MODEL
     help="Requests that may wait for a worker; more get 503 with Retry-After.",
 )
 @click.option(
-    "--workers",
+    "--threads",
     default=1,
     show_default=True,
     type=click.IntRange(min=1),
-    help="Threads that run models.",
+    help="Threads that run models (HTTP requests beyond them wait in the queue).",
 )
+@deprecated_option("--workers", "--threads", "threads", type=click.IntRange(min=1))
+@model_file_options
 @click.option(
-    "--perturbation-channels",
+    "--method",
+    default="cam",
+    show_default=True,
+    help="The method of requests that name none. " + METHOD_HELP,
+)
+@layer_option
+@click.option(
+    "--max-channels",
     default=64,
     show_default=True,
     type=click.IntRange(min=0),
-    help="Score-CAM and Ablation-CAM perturb only this many channels (highest mean "
-    "activation); 0: all channels (minutes per image on a CPU).",
+    help="scorecam/ablationcam: use only the N most active channels (0: all; minutes per "
+    "image on a CPU).",
 )
+@deprecated_option(
+    "--perturbation-channels", "--max-channels", "max_channels", type=click.IntRange(min=0)
+)
+@click.option(
+    "--smooth",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Gradient methods: average over this many noisy copies (SmoothGrad); 0 = off.",
+)
+@device_option
 def serve(
     host: str,
     port: int,
@@ -75,14 +105,21 @@ def serve(
     models_dir: Path | None,
     max_upload_mb: float,
     max_queue: int,
-    workers: int,
-    perturbation_channels: int,
+    threads: int,
+    weights: Path | None,
+    labels: Path | None,
+    trust_model: bool,
+    method: str,
+    layer: str | None,
+    max_channels: int,
+    smooth: int,
+    device: str,
 ) -> None:
     """Explore class activation maps in the browser: upload an image, pick a class.
 
     Serves the page at http://HOST:PORT/, the JSON API under /api (POST /api/explain) and its
     docs at /docs. Everything works offline. The models given with --model are loaded before
-    the server starts.
+    the server starts; --weights, --labels and --trust-model apply to the one --model given.
     """
     try:
         import uvicorn
@@ -99,10 +136,31 @@ def serve(
         "models_dir": models_dir,
         "max_upload_mb": max_upload_mb,
         "max_queue": max_queue,
-        "workers": workers,
-        "perturbation_channels": perturbation_channels or None,
+        "threads": threads,
+        "max_channels": max_channels or None,
+        "smooth": smooth,
+        "layer": layer,
+        "method": method,
     }
-    app = run_or_exit(lambda: _build(create_app, list(models), settings))
+
+    def build():
+        offered: list = list(models)
+        if weights is not None or labels is not None or trust_model:
+            if len(models) != 1:
+                raise ConfigError(
+                    "--weights, --labels and --trust-model apply to one model: give exactly "
+                    "one --model (offer trained folders with --models-dir)"
+                )
+            offered = [
+                load_classifier(
+                    models[0], device, weights=weights, labels=labels, trust_model=trust_model
+                )
+            ]
+        elif models or device != "cpu":
+            offered = [load_classifier(spec, device) for spec in models or [DEFAULT_MODEL]]
+        return _build(create_app, offered, settings)
+
+    app = run_or_exit(build)
     if not _is_loopback(host):
         click.echo(
             f"Warning: listening on {host}: anyone who can reach this address can use the "
@@ -116,7 +174,7 @@ def _build(create_app, models: list[str], settings: dict):
     """The app, with the models named on the command line loaded (errors: exit 2)."""
     app = create_app(models or None, **settings)
     store = app.state.store
-    for name in models or [store.default]:
+    for name in store.names if models else [store.default]:
         click.echo(f"loading model {name}...")
         store.get(name)
     return app

@@ -11,7 +11,7 @@ import click
 
 from camlens.cli.common import device_option, run_or_exit
 from camlens.data.shapes import DEFAULT_CLASSES, POSITIONS, SHAPES, SHORTCUTS, ShapesConfig
-from camlens.train import TrainConfig
+from camlens.training import TrainConfig
 
 
 @click.command()
@@ -28,7 +28,7 @@ from camlens.train import TrainConfig
     default="simple",
     show_default=True,
     help="simple (small CNN from scratch), efficientnet_lite0 (pretrained), "
-    "torchvision:<name> or timm:<name> (random weights).",
+    "torchvision:<name> or timm:<name> (trained from random weights; no --weights needed).",
 )
 @click.option(
     "--epochs",
@@ -73,8 +73,17 @@ from camlens.train import TrainConfig
     type=click.IntRange(min=1),
     help="Channels of the 3x3 convolution added by Zhou's recipe (non-GAP backbones).",
 )
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its last epoch.")
-@click.option("--overwrite", is_flag=True, help="Replace a previous run in --out.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue the run in --out from its last epoch (same parameters and data, checked; "
+    "--epochs and --device may change).",
+)
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Remove what camlens wrote in --out before (nothing else), then start again.",
+)
 @device_option
 def train(
     data: Path,
@@ -99,9 +108,11 @@ def train(
     DATA has one subfolder of images per class. Writes --out/model.safetensors (the best
     epoch by validation accuracy), config.json, metrics.json and split.json; load the model
     with --model OUT in every command, or camlens.load_model(OUT) in Python. Unreadable
-    images are skipped and counted. Exit status: 0 done, 2 usage or data-set error.
+    images are skipped and counted. A non-empty --out is refused unless --resume (same
+    parameters and data) or --overwrite (removes only what camlens wrote there); nothing is
+    created before the data set is checked. Exit status: 0 done, 2 usage or data-set error.
     """
-    from camlens.train import train_classifier
+    from camlens.training import train_classifier
 
     config = TrainConfig(
         backbone=backbone,
@@ -119,7 +130,9 @@ def train(
     )
     with _warnings_to_stderr():
         result = run_or_exit(
-            lambda: train_classifier(data, out_dir, config, resume=resume, overwrite=overwrite)
+            lambda: train_classifier(
+                data, out_dir, config, resume=resume, overwrite=overwrite, cli=True
+            )
         )
     best = result.metrics["best_val_accuracy"]
     best_text = f"{100 * best:.1f} %" if best is not None else "n/a (no validation set)"
@@ -141,9 +154,32 @@ def _warnings_to_stderr() -> Iterator[None]:
         yield
 
 
+class _UnlistedArgument(click.Argument):
+    """A positional argument left out of the usage line: an old spelling kept for a release."""
+
+    def get_usage_pieces(self, ctx: click.Context) -> list[str]:
+        return []
+
+
+#: The line ``camlens make-dataset KIND OUT`` (the old spelling of ``--out``) prints.
+OUT_ARGUMENT_DEPRECATED = "Warning: camlens make-dataset KIND OUT is deprecated; use --out OUT"
+
+
 @click.command("make-dataset")
 @click.argument("kind", type=click.Choice(["shapes"]))
-@click.argument("out", type=click.Path(path_type=Path))
+@click.argument("out", required=False, type=click.Path(path_type=Path), cls=_UnlistedArgument)
+@click.option(
+    "--out",
+    "out_dir",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="Output folder (required; created): images/, masks/, annotations.csv, dataset.json.",
+)
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Remove what camlens wrote in --out before (nothing else), then generate.",
+)
 @click.option("--n", default=600, show_default=True, type=click.IntRange(min=2), help="Images.")
 @click.option("--size", default=64, show_default=True, type=click.IntRange(min=16), help="Side.")
 @click.option(
@@ -191,7 +227,9 @@ def _warnings_to_stderr() -> Iterator[None]:
 )
 def make_dataset(
     kind: str,
-    out: Path,
+    out: Path | None,
+    out_dir: Path | None,
+    overwrite: bool,
     n: int,
     size: int,
     classes: str,
@@ -203,7 +241,7 @@ def make_dataset(
     shortcut_position: str,
     max_rotation: float,
 ) -> None:
-    """Generate a synthetic data set with ground truth into OUT.
+    """Generate a synthetic data set with ground truth into --out OUT.
 
     \b
     shapes: coloured shapes on textured, noisy backgrounds, with object masks:
@@ -211,8 +249,22 @@ def make_dataset(
       OUT/annotations.csv        image,x0,y0,x1,y1,label (paths relative to OUT)
       OUT/dataset.json           all parameters, the shortcut and one record per image
     Train on it with: camlens train OUT/images --out MODEL_DIR
+
+    A non-empty --out is refused unless --overwrite (removes only what camlens wrote there,
+    so no image of an older data set is mixed into the new one). Exit status: 0 done, 2 usage
+    or configuration error.
     """
     from camlens.data.shapes import make_shapes_dataset
+
+    if out is not None:
+        click.echo(OUT_ARGUMENT_DEPRECATED, err=True)
+        if out_dir is not None and out_dir != out:
+            raise click.UsageError(
+                f"two output folders given ({out} and --out {out_dir}); give one"
+            )
+        out_dir = out
+    if out_dir is None:
+        raise click.UsageError("Missing option '--out'.")
 
     config = ShapesConfig(
         n=n,
@@ -226,7 +278,7 @@ def make_dataset(
         shortcut_position=shortcut_position,
         max_rotation=max_rotation,
     )
-    info = run_or_exit(lambda: make_shapes_dataset(out, config))
+    info = run_or_exit(lambda: make_shapes_dataset(out_dir, config, overwrite=overwrite, cli=True))
     summary = info["shortcut"]
     planted = (
         f"; {summary['kind']} shortcut on {summary['n_images']} images "
@@ -234,4 +286,6 @@ def make_dataset(
         if summary
         else ""
     )
-    click.echo(f"{len(info['images'])} images of {', '.join(info['classes'])}{planted} -> {out}")
+    click.echo(
+        f"{len(info['images'])} images of {', '.join(info['classes'])}{planted} -> {out_dir}"
+    )

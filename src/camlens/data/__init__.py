@@ -1,22 +1,8 @@
-"""Data sets: reading ImageFolder layouts, and generating synthetic shapes with ground truth."""
+"""Generated data sets with ground truth (``camlens make-dataset``).
 
-from camlens.data.imagefolder import (
-    ImageFolder,
-    LoadedImages,
-    load_images,
-    scan_image_folder,
-    stratified_split,
-)
+Reading ImageFolder layouts lives in ``camlens.io.imagefolder``.
+"""
+
 from camlens.data.shapes import SHAPES, SHORTCUTS, ShapesConfig, make_shapes_dataset
 
-__all__ = [
-    "SHAPES",
-    "SHORTCUTS",
-    "ImageFolder",
-    "LoadedImages",
-    "ShapesConfig",
-    "load_images",
-    "make_shapes_dataset",
-    "scan_image_folder",
-    "stratified_split",
-]
+__all__ = ["SHAPES", "SHORTCUTS", "ShapesConfig", "make_shapes_dataset"]

@@ -27,6 +27,11 @@ Output layout (``make_shapes_dataset``)::
 
 Boxes are ``[x0, y0, x1, y1]`` in pixel-edge coordinates (``x1``, ``y1`` exclusive), as in
 ``camlens.localize``; image paths in the CSV and JSON are relative to ``OUT``.
+
+``OUT`` follows the folder rules of every camlens command (``camlens.pipeline.folder``): a
+folder that is not empty is refused unless ``overwrite`` (which removes exactly the files an
+earlier ``make_shapes_dataset`` wrote there, so no image of an older data set is left beside
+the new ones, and keeps everything else); ``OUT/.camlens/`` lists what camlens wrote.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from camlens.errors import ConfigError
+from camlens.pipeline import OutputFolder, spelling
 from camlens.writers import write_json, write_png, write_text
 
 SHAPES = ("circle", "square", "triangle", "star", "cross")
@@ -49,6 +55,9 @@ DEFAULT_CLASSES = ("circle", "square", "triangle")
 SHORTCUTS = ("corner-tag", "stripe", "token")
 POSITIONS = ("top-left", "top-right", "bottom-left", "bottom-right", "random-corner")
 CORNERS = POSITIONS[:4]
+
+#: The task name a generated data set records in its output folder's settings.
+TASK = "make-dataset"
 
 Box = tuple[int, int, int, int]
 
@@ -102,7 +111,9 @@ class ShapesConfig:
                 f"choose from {', '.join(SHAPES)}"
             )
         if self.n < len(classes):
-            raise ConfigError(f"n={self.n} is fewer than one image per class ({len(classes)})")
+            raise ConfigError(
+                f"{self.n} images are fewer than one image per class ({len(classes)} classes)"
+            )
         if self.size < 16:
             raise ConfigError(f"size={self.size} is too small; use at least 16 pixels")
         if self.shortcut is not None and self.shortcut not in SHORTCUTS:
@@ -151,20 +162,32 @@ class ShapeSample:
     shortcut_box: Box | None
 
 
-def make_shapes_dataset(out: str | Path, config: ShapesConfig | None = None) -> dict:
+def make_shapes_dataset(
+    out: str | Path,
+    config: ShapesConfig | None = None,
+    *,
+    overwrite: bool = False,
+    cli: bool = False,
+) -> dict:
     """Generate a shapes data set into ``out`` (see the module docstring for the layout).
 
     Parameters:
-        out: output folder; created. Existing files of the same names are replaced.
+        out: output folder; created. A folder that is not empty is refused unless
+            ``overwrite``; nothing is created before the parameters are checked.
         config: the parameters (default ``ShapesConfig()``: 600 images of 64 px, 3 classes,
             no shortcut).
+        overwrite: remove the files an earlier data set wrote into ``out`` (and nothing else:
+            files of yours are kept), then generate.
+        cli: error messages name command-line options (``--overwrite``) instead of Python
+            arguments (``overwrite=True``); set by ``camlens make-dataset``.
 
     Returns:
         The content of ``dataset.json``: the parameters, the shortcut summary and one record
         per image (``image``, ``mask``, ``label``, ``box``, ``shortcut``, ``shortcut_box``).
 
     Raises:
-        ConfigError: invalid parameters.
+        ConfigError: invalid parameters; ``out`` is a file, or a folder that is not empty
+            without ``overwrite``, or holds a file of yours where the data set writes one.
 
     Example:
         >>> info = make_shapes_dataset("shapes", ShapesConfig(n=300, shortcut="corner-tag",
@@ -172,17 +195,36 @@ def make_shapes_dataset(out: str | Path, config: ShapesConfig | None = None) -> 
         >>> info["shortcut"]["n_images"]
         90
     """
+    folder = OutputFolder(out, spell=spelling(cli, "out"))
+    folder.check(resume=False, overwrite=overwrite, resumable=False)
     config = (config or ShapesConfig()).validated()
-    out = Path(out)
     plan = _plan(config)
+    parameters = {**asdict(config), "classes": list(config.classes)}
+    folder.open(TASK, {"parameters": parameters}, resume=False, overwrite=overwrite)
+    try:
+        info = _write_dataset(folder, config, plan, parameters)
+    except Exception:
+        folder.discard()  # e.g. a file of yours where an image goes: leave nothing half-made
+        raise
+    finally:
+        folder.close()
+    return info
+
+
+def _write_dataset(
+    folder: OutputFolder,
+    config: ShapesConfig,
+    plan: list[tuple[str, int, bool]],
+    parameters: dict,
+) -> dict:
     records = []
     csv_rows = [["image", "x0", "y0", "x1", "y1", "label"]]
     for index, (label, number, carries) in enumerate(plan):
         sample = render_shape_image(config, index, label, carries)
         image_path = f"images/{label}/{label}_{number:04d}.png"
         mask_path = f"masks/{label}/{label}_{number:04d}.png"
-        write_png(out / image_path, Image.fromarray(sample.image))
-        write_png(out / mask_path, Image.fromarray(sample.mask.astype(np.uint8) * 255))
+        write_png(folder.path(image_path), Image.fromarray(sample.image))
+        write_png(folder.path(mask_path), Image.fromarray(sample.mask.astype(np.uint8) * 255))
         csv_rows.append([image_path, *sample.box, label])
         records.append(
             {
@@ -196,15 +238,15 @@ def make_shapes_dataset(out: str | Path, config: ShapesConfig | None = None) -> 
         )
     buffer = io.StringIO()
     csv.writer(buffer, lineterminator="\n").writerows(csv_rows)
-    write_text(out / "annotations.csv", buffer.getvalue())
+    write_text(folder.path("annotations.csv"), buffer.getvalue())
     info = {
         "generator": "camlens make-dataset shapes",
-        "parameters": {**asdict(config), "classes": list(config.classes)},
+        "parameters": parameters,
         "classes": list(config.classes),
         "shortcut": _shortcut_summary(config, records),
         "images": records,
     }
-    write_json(out / "dataset.json", info)
+    write_json(folder.path("dataset.json"), info)
     return info
 
 

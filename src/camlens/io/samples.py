@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,8 +28,17 @@ def sample_image(name: str) -> Image.Image:
     return Image.fromarray(SAMPLES[name]()).convert("RGB")
 
 
-def write_samples(folder: Path, names: list[str] | None = None) -> list[Path]:
-    """Write the sample photographs as PNG files into ``folder``; return their paths."""
-    return [
-        write_png(Path(folder) / f"{name}.png", sample_image(name)) for name in names or SAMPLES
-    ]
+def write_samples(
+    folder: str | os.PathLike | Callable[[str], Path], names: list[str] | None = None
+) -> list[Path]:
+    """Write the sample photographs as PNG files into ``folder``; return their paths.
+
+    ``folder`` may also be a function from a file name to the path to write it to (an output
+    folder that records what it writes).
+
+    Example:
+        >>> [p.name for p in write_samples("samples", ["chelsea"])]
+        ['chelsea.png']
+    """
+    destination = folder if callable(folder) else (lambda name: Path(folder) / name)
+    return [write_png(destination(f"{name}.png"), sample_image(name)) for name in names or SAMPLES]

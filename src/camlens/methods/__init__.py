@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from camlens.errors import ConfigError
-from camlens.methods.base import CAMMethod, MethodResult
+from camlens.methods.base import CAMMethod, MethodResult, Step
 from camlens.methods.baseline import RandomCAM
 from camlens.methods.cam import CAM
 from camlens.methods.gradient import (
@@ -16,39 +15,14 @@ from camlens.methods.gradient import (
 )
 from camlens.methods.perturbation import AblationCAM, PerturbationMethod, ScoreCAM
 from camlens.methods.projection import EigenCAM
-
-METHODS: dict[str, type[CAMMethod]] = {
-    cls.name: cls
-    for cls in (
-        CAM,
-        GradCAM,
-        GradCAMPlusPlus,
-        HiResCAM,
-        XGradCAM,
-        LayerCAM,
-        ScoreCAM,
-        AblationCAM,
-        EigenCAM,
-        RandomCAM,
-    )
-}
-
-ALIASES: dict[str, str] = {"gradcampp": "gradcam++", "gradcamplusplus": "gradcam++"}
-
-
-def get_method(name: str) -> type[CAMMethod]:
-    """The method class registered as ``name`` (case-insensitive; ``-`` and ``_`` ignored).
-
-    Example:
-        >>> get_method("Grad-CAM++").name, get_method("gradcampp").name
-        ('gradcam++', 'gradcam++')
-    """
-    key = name.strip().lower().replace("-", "").replace("_", "")
-    key = ALIASES.get(key, key)
-    if key not in METHODS:
-        raise ConfigError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}")
-    return METHODS[key]
-
+from camlens.methods.registry import (
+    ALIASES,
+    METHODS,
+    get_method,
+    make_method,
+    make_methods,
+    options_for,
+)
 
 __all__ = [
     "ALIASES",
@@ -65,7 +39,11 @@ __all__ = [
     "PerturbationMethod",
     "RandomCAM",
     "ScoreCAM",
+    "Step",
     "XGradCAM",
     "fuse_maps",
     "get_method",
+    "make_method",
+    "make_methods",
+    "options_for",
 ]

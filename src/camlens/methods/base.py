@@ -18,7 +18,8 @@ from torch import nn
 from camlens.errors import ConfigError
 from camlens.hooks import LayerCapture, get_layer, preserved_state
 from camlens.layers import CamHead, find_cam_head
-from camlens.outputs import OutputSpec, select_logits
+from camlens.models.checkpoints import TORCHSCRIPT_NOT_HOOKABLE
+from camlens.models.outputs import OutputSpec, select_logits
 from camlens.targets import Target, resolve_targets
 
 LayerSpec = str | Sequence[str] | None
@@ -44,6 +45,33 @@ class MethodResult:
     identity_error: float | None = None
 
 
+@dataclass(frozen=True)
+class Step:
+    """One forward pass with the feature layer(s) captured: what a method's maps come from.
+
+    ``CAMMethod`` builds it and passes it to ``compute_raw(step)``, ``channel_weights(step)``
+    and ``fuse_layers(step)``.
+
+    Attributes:
+        x: (N, C, H, W) the input batch (a noisy copy of it when smoothing).
+        activations: the captured layer outputs (N, C_l, h_l, w_l), one per explained layer,
+            in the order of the heads (one unless the method fuses layers). For gradient
+            methods they are the leaves that ``CAMMethod.target_gradients`` differentiates to.
+        logits: (N, classes) the model's scores, still in the graph for gradient methods.
+        targets: (N, K) long, the explained classes.
+    """
+
+    x: torch.Tensor
+    activations: tuple[torch.Tensor, ...]
+    logits: torch.Tensor
+    targets: torch.Tensor
+
+    @property
+    def activation(self) -> torch.Tensor:
+        """The (last) explained layer's output ``A``: (N, C, h, w)."""
+        return self.activations[-1]
+
+
 class _ChainedCapture(LayerCapture):
     """A ``LayerCapture`` that keeps a layer downstream of another captured layer in the graph.
 
@@ -63,12 +91,14 @@ class _ChainedCapture(LayerCapture):
 
 
 class CAMMethod:
-    """Base of every map method: subclasses implement ``channel_weights`` only.
+    """Base of every map method: subclasses implement ``channel_weights(step)`` only.
 
     ``raw[n, k] = sum_c weights[n, k, c] * A[n, c]`` where ``A`` is the feature layer's
-    output. Hooks are attached for the duration of each call and always removed; the model's
-    train/eval flags and ``requires_grad`` are restored; the caller may be inside
-    ``torch.no_grad()``.
+    output. Every extension point receives one ``Step`` (input, captured activations, logits,
+    targets); a method that is not a channel-weighted sum overrides ``compute_raw(step)``
+    instead, and one that fuses layers ``fuse_layers(step)``. Hooks are attached for the
+    duration of each call and always removed; the model's train/eval flags and
+    ``requires_grad`` are restored; the caller may be inside ``torch.no_grad()``.
 
     Parameters:
         module: the classifier (``nn.Module``).
@@ -110,8 +140,6 @@ class CAMMethod:
         if not isinstance(module, nn.Module):
             raise ConfigError(f"{type(self).__name__} needs an nn.Module, got {type(module)}")
         if isinstance(module, torch.jit.ScriptModule):
-            from camlens.models.checkpoints import TORCHSCRIPT_NOT_HOOKABLE
-
             raise ConfigError(TORCHSCRIPT_NOT_HOOKABLE.format(name="this model", path="FILE"))
         for name in self._layer_names(layer):
             get_layer(module, name)
@@ -203,11 +231,8 @@ class CAMMethod:
             logits = select_logits(self.module(x), self.output)
         self.layer_calls = captures[-1].n_calls
         ids = resolve_targets(targets, logits.detach(), self.labels)
-        activations = [capture.activation for capture in captures]
-        if len(activations) == 1:
-            raw = self.compute_raw(x, activations[0], logits, ids)
-        else:
-            raw = self.fuse_layers(x, activations, logits, ids)
+        step = Step(x, tuple(capture.activation for capture in captures), logits, ids)
+        raw = self.compute_raw(step) if len(step.activations) == 1 else self.fuse_layers(step)
         return raw.detach().float(), logits, ids
 
     def _smoothed(
@@ -250,29 +275,19 @@ class CAMMethod:
             )
         return self.head
 
-    def compute_raw(
-        self,
-        x: torch.Tensor,
-        activation: torch.Tensor,
-        logits: torch.Tensor,
-        targets: torch.Tensor,
-    ) -> torch.Tensor:
-        """(N, K, h, w) raw maps. Default: ``combine(channel_weights, feature_maps)``.
+    def compute_raw(self, step: Step) -> torch.Tensor:
+        """(N, K, h, w) raw maps of one layer's ``step``.
 
-        Methods that are not a channel-weighted sum (element-wise gradients, projections,
-        perturbations that need the input ``x``) override this instead of ``channel_weights``.
+        Default: ``combine(channel_weights(step), feature_maps(step.activation))``. Methods
+        that are not a channel-weighted sum (element-wise gradients, projections,
+        perturbations that need the input ``step.x``) override this instead of
+        ``channel_weights``.
         """
-        weights = self.channel_weights(activation, logits, targets)
-        return self.combine(weights, self.feature_maps(activation))
+        return self.combine(self.channel_weights(step), self.feature_maps(step.activation))
 
-    def fuse_layers(
-        self,
-        x: torch.Tensor,
-        activations: list[torch.Tensor],
-        logits: torch.Tensor,
-        targets: torch.Tensor,
-    ) -> torch.Tensor:
-        """(N, K, h, w) maps fused from several layers (methods with ``fuses_layers``)."""
+    def fuse_layers(self, step: Step) -> torch.Tensor:
+        """(N, K, h, w) maps fused from ``step.activations``, several layers' outputs
+        (methods with ``fuses_layers``)."""
         raise NotImplementedError
 
     def feature_maps(self, activation: torch.Tensor) -> torch.Tensor:
@@ -284,10 +299,9 @@ class CAMMethod:
         """Weighted sum over channels: (N, K, C) x (N, C, h, w) -> (N, K, h, w)."""
         return torch.einsum("nkc,nchw->nkhw", weights.to(activation.dtype), activation)
 
-    def channel_weights(
-        self, activation: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor
-    ) -> torch.Tensor:
-        """Return (N, K, C) weights of the channels of ``activation`` for each target."""
+    def channel_weights(self, step: Step) -> torch.Tensor:
+        """Return (N, K, C) weights of the channels of ``step.activation`` for each of
+        ``step.targets``."""
         raise NotImplementedError
 
     def check(self, result: MethodResult) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from camlens.methods.base import CAMMethod, LayerSpec
+from camlens.methods.base import CAMMethod, LayerSpec, Step
 
 
 class RandomCAM(CAMMethod):
@@ -32,12 +32,6 @@ class RandomCAM(CAMMethod):
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
 
-    def compute_raw(
-        self,
-        x: torch.Tensor,
-        activation: torch.Tensor,
-        logits: torch.Tensor,
-        targets: torch.Tensor,
-    ) -> torch.Tensor:
-        shape = (*targets.shape, *activation.shape[-2:])
-        return torch.rand(shape, generator=self.generator).to(activation.device)
+    def compute_raw(self, step: Step) -> torch.Tensor:
+        shape = (*step.targets.shape, *step.activation.shape[-2:])
+        return torch.rand(shape, generator=self.generator).to(step.activation.device)

@@ -7,7 +7,7 @@ import torch
 from camlens.errors import ConfigError
 from camlens.hooks import get_layer
 from camlens.layers import CamHead
-from camlens.methods.base import CAMMethod, MethodResult
+from camlens.methods.base import CAMMethod, MethodResult, Step
 
 
 class CAM(CAMMethod):
@@ -43,10 +43,8 @@ class CAM(CAMMethod):
     def _linear(self) -> torch.nn.Linear:
         return get_layer(self.module, self.head.classifier)
 
-    def channel_weights(
-        self, activation: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor
-    ) -> torch.Tensor:
-        return self._linear().weight.detach()[targets]
+    def channel_weights(self, step: Step) -> torch.Tensor:
+        return self._linear().weight.detach()[step.targets]
 
     def check(self, result: MethodResult) -> None:
         bias = self._linear().bias

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from camlens.errors import ConfigError
-from camlens.methods.base import CAMMethod, LayerSpec
+from camlens.methods.base import CAMMethod, LayerSpec, Step
 
 
 class GradCAM(CAMMethod):
@@ -37,13 +37,32 @@ class GradCAM(CAMMethod):
     name = "gradcam"
     needs_gradients = True
 
-    def channel_weights(
-        self, activation: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor
-    ) -> torch.Tensor:
-        return self.target_gradients(activation, logits, targets).mean(dim=(-2, -1))
+    def channel_weights(self, step: Step) -> torch.Tensor:
+        return self.target_gradients(step.activation, step.logits, step.targets).mean(dim=(-2, -1))
 
 
-class GradCAMPlusPlus(CAMMethod):
+class _Float32GradientMethod(CAMMethod):
+    """Base of the gradient methods computed in float32 from ``g`` and the detached ``A``."""
+
+    needs_gradients = True
+
+    def float_gradients(self, step: Step) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(g, A)`` in float32: (N, K, C, h, w) gradients and the (N, C, h, w) detached maps."""
+        grads = self.target_gradients(step.activation, step.logits, step.targets)
+        return grads.float(), step.activation.detach().float()
+
+    def feature_maps(self, activation: torch.Tensor) -> torch.Tensor:
+        return activation.detach().float()
+
+
+def _divide_or_zero(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """``numerator / denominator``, and 0 where the denominator is exactly 0 (no epsilon)."""
+    nonzero = denominator != 0
+    safe = torch.where(nonzero, denominator, torch.ones_like(denominator))
+    return torch.where(nonzero, numerator / safe, torch.zeros_like(numerator))
+
+
+class GradCAMPlusPlus(_Float32GradientMethod):
     """Grad-CAM++: positive gradients weighted by closed-form pixel coefficients.
 
     ::
@@ -68,24 +87,16 @@ class GradCAMPlusPlus(CAMMethod):
     """
 
     name = "gradcam++"
-    needs_gradients = True
 
-    def channel_weights(
-        self, activation: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor
-    ) -> torch.Tensor:
-        grads = self.target_gradients(activation, logits, targets).float()
-        totals = activation.detach().float().sum(dim=(-2, -1))[:, None, :, None, None]
+    def channel_weights(self, step: Step) -> torch.Tensor:
+        grads, maps = self.float_gradients(step)
+        totals = maps.sum(dim=(-2, -1))[:, None, :, None, None]
         squared = grads.square()
-        denominator = 2 * squared + totals * squared * grads
-        safe = torch.where(denominator != 0, denominator, torch.ones_like(denominator))
-        alpha = torch.where(denominator != 0, squared / safe, torch.zeros_like(squared))
+        alpha = _divide_or_zero(squared, 2 * squared + totals * squared * grads)
         return (alpha * grads.relu()).sum(dim=(-2, -1))
 
-    def feature_maps(self, activation: torch.Tensor) -> torch.Tensor:
-        return activation.detach().float()
 
-
-class HiResCAM(CAMMethod):
+class HiResCAM(_Float32GradientMethod):
     """HiResCAM: gradient times activation, element by element, summed over channels.
 
     ::
@@ -101,20 +112,13 @@ class HiResCAM(CAMMethod):
     """
 
     name = "hirescam"
-    needs_gradients = True
 
-    def compute_raw(
-        self,
-        x: torch.Tensor,
-        activation: torch.Tensor,
-        logits: torch.Tensor,
-        targets: torch.Tensor,
-    ) -> torch.Tensor:
-        grads = self.target_gradients(activation, logits, targets).float()
-        return (grads * activation.detach().float()[:, None]).sum(dim=2)
+    def compute_raw(self, step: Step) -> torch.Tensor:
+        grads, maps = self.float_gradients(step)
+        return (grads * maps[:, None]).sum(dim=2)
 
 
-class XGradCAM(CAMMethod):
+class XGradCAM(_Float32GradientMethod):
     """XGrad-CAM (Axiom-based Grad-CAM): gradients averaged with the activations as weights.
 
     ::
@@ -133,23 +137,14 @@ class XGradCAM(CAMMethod):
     """
 
     name = "xgradcam"
-    needs_gradients = True
 
-    def channel_weights(
-        self, activation: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor
-    ) -> torch.Tensor:
-        grads = self.target_gradients(activation, logits, targets).float()
-        maps = activation.detach().float()
+    def channel_weights(self, step: Step) -> torch.Tensor:
+        grads, maps = self.float_gradients(step)
         totals = maps.sum(dim=(-2, -1))[:, None]
-        weighted = (grads * maps[:, None]).sum(dim=(-2, -1))
-        safe = torch.where(totals != 0, totals, torch.ones_like(totals))
-        return torch.where(totals != 0, weighted / safe, torch.zeros_like(weighted))
-
-    def feature_maps(self, activation: torch.Tensor) -> torch.Tensor:
-        return activation.detach().float()
+        return _divide_or_zero((grads * maps[:, None]).sum(dim=(-2, -1)), totals)
 
 
-class LayerCAM(CAMMethod):
+class LayerCAM(_Float32GradientMethod):
     """Layer-CAM: activations weighted by their positive gradients, position by position.
 
     ::
@@ -174,7 +169,6 @@ class LayerCAM(CAMMethod):
     """
 
     name = "layercam"
-    needs_gradients = True
     fuses_layers = True
 
     def __init__(
@@ -190,30 +184,21 @@ class LayerCAM(CAMMethod):
             raise ConfigError(f"fusion_gamma must be > 0 or None, got {fusion_gamma}")
         self.fusion_gamma = fusion_gamma
 
-    def compute_raw(
-        self,
-        x: torch.Tensor,
-        activation: torch.Tensor,
-        logits: torch.Tensor,
-        targets: torch.Tensor,
-    ) -> torch.Tensor:
-        grads = self.target_gradients(activation, logits, targets)
-        return self._layer_map(grads, activation)
+    def compute_raw(self, step: Step) -> torch.Tensor:
+        return self._layer_map(*self.float_gradients(step))
 
-    def fuse_layers(
-        self,
-        x: torch.Tensor,
-        activations: list[torch.Tensor],
-        logits: torch.Tensor,
-        targets: torch.Tensor,
-    ) -> torch.Tensor:
-        grads = self.target_gradients(activations, logits, targets)
-        maps = [self._layer_map(g, a) for g, a in zip(grads, activations, strict=True)]
+    def fuse_layers(self, step: Step) -> torch.Tensor:
+        grads = self.target_gradients(step.activations, step.logits, step.targets)
+        maps = [
+            self._layer_map(g.float(), a.detach().float())
+            for g, a in zip(grads, step.activations, strict=True)
+        ]
         return fuse_maps(maps, self.fusion_gamma)
 
     @staticmethod
-    def _layer_map(grads: torch.Tensor, activation: torch.Tensor) -> torch.Tensor:
-        return (grads.float().relu() * activation.detach().float()[:, None]).sum(dim=2)
+    def _layer_map(grads: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+        """``sum_k relu(g_k) * A_k`` of float32 ``grads`` (N, K, C, h, w), ``maps`` (N, C, h, w)."""
+        return (grads.relu() * maps[:, None]).sum(dim=2)
 
 
 def fuse_maps(maps: Sequence[torch.Tensor], gamma: float | None = 2.0) -> torch.Tensor:

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from camlens.errors import ConfigError
-from camlens.hooks import get_layer
-from camlens.methods.base import CAMMethod, LayerSpec
-from camlens.outputs import select_logits
+from camlens.hooks import ForwardHook, get_layer
+from camlens.methods.base import CAMMethod, LayerSpec, Step
+from camlens.models.outputs import select_logits
 
 
 class PerturbationMethod(CAMMethod):
@@ -69,6 +69,19 @@ class PerturbationMethod(CAMMethod):
         """One reusable (min(batch_size, pairs), C, H, W) buffer for perturbed inputs."""
         return x.new_empty((max(1, min(self.batch_size, pairs)), *x.shape[1:]))
 
+    def perturbed_batches(
+        self, x: torch.Tensor, images: torch.Tensor, channels: torch.Tensor
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """``(image, channel, inputs)`` for each chunk of at most ``batch_size`` pairs.
+
+        ``inputs`` holds the chunk's images ``x[image]``, copied into one buffer reused by every
+        chunk (``input_buffer``): the caller may perturb it in place before ``scores``.
+        """
+        buffer = self.input_buffer(x, len(images))
+        for part in self.chunks(len(images)):
+            image = images[part]
+            yield image, channels[part], torch.index_select(x, 0, image, out=buffer[: len(image)])
+
     def scores(self, inputs: torch.Tensor) -> torch.Tensor:
         """The model's float32 logits for a chunk of perturbed inputs."""
         return select_logits(self.module(inputs), self.output).float()
@@ -104,25 +117,17 @@ class ScoreCAM(PerturbationMethod):
 
     name = "scorecam"
 
-    def compute_raw(
-        self,
-        x: torch.Tensor,
-        activation: torch.Tensor,
-        logits: torch.Tensor,
-        targets: torch.Tensor,
-    ) -> torch.Tensor:
+    def compute_raw(self, step: Step) -> torch.Tensor:
+        x, targets = step.x, step.targets
         with torch.inference_mode():
-            maps = activation.float()
+            maps = step.activation.float()
             images, channels = self.selected_pairs(maps)
             varies = (maps.amax(dim=(-2, -1)) > maps.amin(dim=(-2, -1)))[images, channels]
             images, channels = images[varies], channels[varies]
             weights = maps.new_zeros((*targets.shape, maps.shape[1]))
-            buffer = self.input_buffer(x, len(images))
-            for part in self.chunks(len(images)):
-                image, channel = images[part], channels[part]
+            for image, channel, inputs in self.perturbed_batches(x, images, channels):
                 masks = self._masks(maps[image, channel], x.shape[-2:]).to(x.dtype)
-                inputs = torch.index_select(x, 0, image, out=buffer[: len(image)]).mul_(masks)
-                probs = self.scores(inputs).softmax(dim=1)
+                probs = self.scores(inputs.mul_(masks)).softmax(dim=1)
                 weights[image, :, channel] = probs.gather(1, targets[image])
             return self.combine(weights, maps)
 
@@ -157,26 +162,20 @@ class AblationCAM(PerturbationMethod):
 
     name = "ablationcam"
 
-    def compute_raw(
-        self,
-        x: torch.Tensor,
-        activation: torch.Tensor,
-        logits: torch.Tensor,
-        targets: torch.Tensor,
-    ) -> torch.Tensor:
+    def compute_raw(self, step: Step) -> torch.Tensor:
+        x, activation, targets = step.x, step.activation, step.targets
         call = self.head.call if self.head.call >= 0 else self.layer_calls - 1
         ablation = _ChannelAblation(get_layer(self.module, self.head.feature_layer), call)
         with torch.inference_mode(), ablation:
-            base = logits.float().gather(1, targets)
+            base = step.logits.float().gather(1, targets)
             images, channels = self.selected_pairs(activation)
             weights = base.new_zeros((*targets.shape, activation.shape[1]))
-            buffer = self.input_buffer(x, len(images))
-            keep = activation.new_ones((len(buffer), activation.shape[1], 1, 1))
-            for part in self.chunks(len(images)):
-                image, channel = images[part], channels[part]
+            keep = activation.new_ones(
+                (min(self.batch_size, len(images)), activation.shape[1], 1, 1)
+            )
+            for image, channel, inputs in self.perturbed_batches(x, images, channels):
                 mask = keep[: len(image)].fill_(1)
                 mask[torch.arange(len(image), device=mask.device), channel] = 0
-                inputs = torch.index_select(x, 0, image, out=buffer[: len(image)])
                 ablation.arm(mask)
                 dropped = self.scores(inputs).gather(1, targets[image])
                 weights[image, :, channel] = base[image] - dropped
@@ -184,18 +183,18 @@ class AblationCAM(PerturbationMethod):
             return self.combine(weights / scale[..., None], activation.float())
 
 
-class _ChannelAblation:
+class _ChannelAblation(ForwardHook):
     """Forward hook that multiplies one call's output of ``layer`` by a (B, C, 1, 1) mask.
 
-    ``arm(mask)`` before each forward pass sets the mask and restarts the call count.
+    ``arm(mask)`` before each forward pass sets the mask and restarts the call count; the hook
+    is attached on entry and removed on exit (``ForwardHook``).
     """
 
     def __init__(self, layer: nn.Module, call: int) -> None:
-        self.layer = layer
+        super().__init__(layer)
         self.call = call
         self.mask: torch.Tensor | None = None
         self.calls = 0
-        self._handle: torch.utils.hooks.RemovableHandle | None = None
 
     def arm(self, mask: torch.Tensor) -> None:
         self.mask = mask
@@ -205,12 +204,3 @@ class _ChannelAblation:
         index = self.calls
         self.calls += 1
         return output * self.mask.to(output.dtype) if index == self.call else output
-
-    def __enter__(self) -> _ChannelAblation:
-        self._handle = self.layer.register_forward_hook(self._hook)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None

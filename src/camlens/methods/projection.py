@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from camlens.methods.base import CAMMethod, LayerSpec
+from camlens.methods.base import CAMMethod, LayerSpec, Step
 
 
 class EigenCAM(CAMMethod):
@@ -41,16 +41,10 @@ class EigenCAM(CAMMethod):
         super().__init__(module, layer, **options)
         self.center = center
 
-    def compute_raw(
-        self,
-        x: torch.Tensor,
-        activation: torch.Tensor,
-        logits: torch.Tensor,
-        targets: torch.Tensor,
-    ) -> torch.Tensor:
-        n, _, h, w = activation.shape
-        projection = first_component_projection(activation.float(), center=self.center)
-        return projection.view(n, 1, h, w).expand(n, targets.shape[1], h, w).contiguous()
+    def compute_raw(self, step: Step) -> torch.Tensor:
+        n, _, h, w = step.activation.shape
+        projection = first_component_projection(step.activation.float(), center=self.center)
+        return projection.view(n, 1, h, w).expand(n, step.targets.shape[1], h, w).contiguous()
 
 
 def _first_left_singular_times_value(matrix: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,8 @@
 * :mod:`camlens.metrics.faithfulness`: deletion and insertion (RISE), Average Drop, Increase
   in Confidence, Average Gain, ROAD with noisy linear imputation.
 * :mod:`camlens.metrics.sanity`: Adebayo et al.'s cascading model randomisation.
+* :mod:`camlens.metrics.registry`: every metric ``camlens.evaluate`` reports (name, direction,
+  groups, the per-image measurement it needs and its fold), one entry each.
 
 ``camlens.evaluate`` runs them all over an annotated data set.
 """

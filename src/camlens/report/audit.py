@@ -10,21 +10,23 @@ and CSS (no JavaScript, nothing remote); the figures are PNG files beside it:
 * ``figures/classes/<class>_frequency.png``: how often each place is among the most
   activated pixels (black 0 % .. white 100 % of the class's images);
 * ``figures/clusters/<class>_<k>.png`` and ``..._ex<j>.png``: SpRAy clusters: mean map and
-  exemplar overlays;
+  exemplars (the image with its stored grid map over it);
 * ``figures/flags/<n>_paste_<j>_before.png`` / ``_after.png`` and ``..._erase_...``: the
   counterfactual examples;
 * ``figures/worst/<class>_<j>.png``: with annotations, the images whose map lies most
-  outside the object.
+  outside the object (the image with its stored grid map over it).
 
-The figure paths are also written into the result (``classes[label]["figures"]``,
-``flags[i]["figures"]``) so that ``audit.json`` points to them.
+Everything is drawn from the result, the fold's summary (``camlens.shortcuts.AuditSummary``:
+statistics, clusters, the counterfactual examples) and the map pass's stored records (the grid
+map of every image); the model is never run again, only image files are read. The figure
+paths are also written into the result (``classes[label]["figures"]``, ``flags[i]["figures"]``)
+so that ``audit.json`` points to them.
 """
 
 from __future__ import annotations
 
 import os
-import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +34,14 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from camlens.formatting import percent
+from camlens.io import ImageLoadError, load_image
+from camlens.pipeline import OutputFolder, as_output_folder
 from camlens.render import colorize, overlay
 from camlens.report.html import render_template
+from camlens.shortcuts.confirm import Confirmation
+from camlens.shortcuts.core import AuditSummary, ClassFinding, describe_place
+from camlens.shortcuts.find import ClassMapStats
+from camlens.tasks.common import safe_name
 from camlens.writers import write_png, write_text
 
 __all__ = ["write_audit_report"]
@@ -46,105 +54,158 @@ _CANDIDATE = (255, 255, 255)
 
 
 def write_audit_report(
-    out_dir: str | os.PathLike,
+    out: OutputFolder | str | os.PathLike,
     result: dict[str, Any],
-    artifacts: Any,
+    summary: AuditSummary,
+    records: Iterable[Mapping[str, Any]] = (),
     *,
     title: str = "camlens audit",
 ) -> Path:
     """Write ``report.html`` and its figures; add the figure paths to ``result``.
 
     Parameters:
-        out_dir: output folder (created).
-        result: what ``run_audit`` computed (the content of ``audit.json``).
-        artifacts: the ``AuditArtifacts`` of the run (statistics, clusters, test examples).
+        out: the output folder (an ``OutputFolder``, or a path: files are recorded in its
+            manifest but never refused).
+        result: what ``camlens.audit`` computed (the content of ``audit.json``).
+        summary: the fold's summary of the run, its hotspots' confirmations filled in
+            (statistics, clusters, counterfactual examples).
+        records: the map pass's records with their arrays (``"input"``, ``arrays["map"]``):
+            the exemplars and worst images are drawn with their stored grid maps. Only the
+            records of those images are kept while reading.
         title: page title.
 
     Returns:
         The path of ``report.html``.
+
+    Example:
+        >>> write_audit_report("audit_out", result, summary, log.records())  # doctest: +SKIP
+        PosixPath('audit_out/report.html')
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    labels = list(artifacts.classifier.labels)
+    folder = as_output_folder(out)
+    labels = list(summary.labels)
+    maps = _stored_maps(records, _wanted_sources(result, summary))
     classes, others = [], []
     for label, entry in result["classes"].items():
         if not entry["audited"]:
             others.append(f"{label} ({entry['n_images']})")
             continue
         cls = entry["index"]
-        stats = artifacts.accumulator.stats[cls]
-        finding = artifacts.findings.get(cls)
-        figures = _class_figures(out_dir, label, stats, entry)
+        stats = summary.accumulator.stats[cls]
+        finding = summary.findings.get(cls)
+        figures = _class_figures(folder, label, stats, entry)
         entry["figures"] = figures
         card = {"label": label, "entry": entry, "figures": figures, "clusters": [], "worst": []}
         if finding is not None and finding.spray is not None:
-            card["clusters"] = _cluster_figures(out_dir, label, cls, finding, artifacts)
+            card["clusters"] = _cluster_figures(folder, label, finding, maps)
         if entry.get("annotations"):
-            card["worst"] = _worst_figures(out_dir, label, cls, entry["annotations"], artifacts)
+            card["worst"] = _worst_figures(folder, label, entry["annotations"], maps)
         classes.append(card)
     flags = []
     for number, flag in enumerate(result["flags"]):
         cls = labels.index(flag["class"])
-        confirmation = _confirmation_of(artifacts.findings.get(cls), flag)
-        figures = _flag_figures(out_dir, number, flag, confirmation, labels)
+        confirmation = _confirmation_of(summary.findings.get(cls), flag)
+        figures = _flag_figures(folder, number, flag, confirmation, labels)
         flag["figures"] = {
             key: [{k: v for k, v in ex.items() if k != "caption"} for ex in examples]
             for key, examples in figures.items()
         }
         flags.append({"flag": flag, "examples": figures, "place": _place(flag["box"])})
     html = _render(result, classes, others, flags, title)
-    return write_text(out_dir / "report.html", html)
+    return write_text(folder.path("report.html"), html)
+
+
+# --- the stored maps ---------------------------------------------------------------------------
+
+
+def _wanted_sources(result: Mapping[str, Any], summary: AuditSummary) -> set[str]:
+    """The images the report shows with their maps: cluster exemplars and worst images."""
+    wanted: set[str] = set()
+    for entry in result["classes"].values():
+        if not entry["audited"]:
+            continue
+        finding = summary.findings.get(entry["index"])
+        if finding is not None and finding.spray is not None:
+            for cluster in finding.spray.clusters:
+                wanted.update(finding.spray_sources[i] for i in cluster.exemplars)
+        wanted.update(w["image"] for w in entry.get("annotations", {}).get("worst", []))
+    return wanted
+
+
+def _stored_maps(records: Iterable[Mapping[str, Any]], wanted: set[str]) -> dict[str, np.ndarray]:
+    """The stored grid map of every wanted image, read from the map pass's records."""
+    maps: dict[str, np.ndarray] = {}
+    if not wanted:
+        return maps
+    for record in records:
+        source = record.get("input")
+        arrays = record.get("arrays")
+        if source in wanted and isinstance(arrays, Mapping) and "map" in arrays:
+            maps[source] = np.asarray(arrays["map"], dtype=np.float32)
+    return maps
+
+
+def _map_overlay(source: str, grid_map: np.ndarray | None, side: int) -> Image.Image | None:
+    """The image file ``source`` at thumbnail size, its grid map over it (None when the file
+    cannot be read any more or its map is not stored)."""
+    if grid_map is None:
+        return None
+    try:
+        image = load_image(source)
+    except ImageLoadError:
+        return None
+    picture = _thumbnail(image, side)
+    heat = _resize_map(grid_map, picture.size)
+    return overlay(picture, heat, alpha=0.5)
 
 
 # --- figures -------------------------------------------------------------------------------
 
 
 def _class_figures(
-    out_dir: Path, label: str, stats: Any, entry: Mapping[str, Any]
+    folder: OutputFolder, label: str, stats: ClassMapStats, entry: Mapping[str, Any]
 ) -> dict[str, str]:
-    stem = f"figures/classes/{_safe(label)}"
+    stem = f"figures/classes/{_file_name(label)}"
     mean_image = Image.fromarray(np.rint(stats.mean_image * 255).astype(np.uint8))
     mean_image = mean_image.resize((_SIDE, _SIDE), Image.BILINEAR)
     mean_map = stats.mean_map
     peak = float(mean_map.max())
-    heat = _resize_map(mean_map / peak if peak > 0 else mean_map, _SIDE)
+    heat = _resize_map(mean_map / peak if peak > 0 else mean_map, (_SIDE, _SIDE))
     picture = overlay(mean_image, heat, alpha=0.5)
-    frequency = Image.fromarray(colorize(_resize_map(stats.frequency, _SIDE, nearest=True), "gray"))
+    frequency = Image.fromarray(
+        colorize(_resize_map(stats.frequency, (_SIDE, _SIDE), nearest=True), "gray")
+    )
     for hotspot in entry.get("hotspots", []):
         color = _CONFIRMED if hotspot.get("confirmed") else _CANDIDATE
         _outline(picture, hotspot["box"], color)
         _outline(
             frequency, hotspot["box"], _CONFIRMED if hotspot.get("confirmed") else (0, 160, 255)
         )
-    write_png(out_dir / f"{stem}_mean.png", picture)
-    write_png(out_dir / f"{stem}_frequency.png", frequency)
+    write_png(folder.path(f"{stem}_mean.png"), picture)
+    write_png(folder.path(f"{stem}_frequency.png"), frequency)
     return {"mean_map": f"{stem}_mean.png", "frequency": f"{stem}_frequency.png"}
 
 
 def _cluster_figures(
-    out_dir: Path, label: str, cls: int, finding: Any, artifacts: Any
+    folder: OutputFolder, label: str, finding: ClassFinding, maps: Mapping[str, np.ndarray]
 ) -> list[dict[str, Any]]:
-    from camlens.api import explain, make_method
-
     spray = finding.spray
-    method = make_method(artifacts.classifier, artifacts.method, artifacts.layer)
     cards = []
     for k, cluster in enumerate(spray.clusters):
-        stem = f"figures/clusters/{_safe(label)}_{k}"
+        stem = f"figures/clusters/{_file_name(label)}_{k}"
         peak = float(cluster.mean_map.max())
-        heat = _resize_map(cluster.mean_map / peak if peak > 0 else cluster.mean_map, _THUMB)
-        write_png(out_dir / f"{stem}.png", Image.fromarray(colorize(heat)))
-        sources = [finding.spray_sources[i] for i in cluster.exemplars]
+        heat = _resize_map(
+            cluster.mean_map / peak if peak > 0 else cluster.mean_map, (_THUMB, _THUMB)
+        )
+        write_png(folder.path(f"{stem}.png"), Image.fromarray(colorize(heat)))
         exemplars = []
-        if sources:
-            explanation = explain(
-                artifacts.classifier, sources, method=method, target=[cls] * len(sources)
-            )
-            for j, source in enumerate(sources):
-                image = explanation.image_overlays(j, threshold=None)[0]
-                relative = f"{stem}_ex{j}.png"
-                write_png(out_dir / relative, _thumbnail(image, _THUMB))
-                exemplars.append({"src": relative, "caption": Path(source).name})
+        for j, i in enumerate(cluster.exemplars):
+            source = finding.spray_sources[i]
+            picture = _map_overlay(source, maps.get(source), _THUMB)
+            if picture is None:
+                continue
+            relative = f"{stem}_ex{j}.png"
+            write_png(folder.path(relative), picture)
+            exemplars.append({"src": relative, "caption": Path(source).name})
         cards.append(
             {
                 "index": k + 1,
@@ -159,21 +220,18 @@ def _cluster_figures(
 
 
 def _worst_figures(
-    out_dir: Path, label: str, cls: int, annotations: Mapping[str, Any], artifacts: Any
+    folder: OutputFolder,
+    label: str,
+    annotations: Mapping[str, Any],
+    maps: Mapping[str, np.ndarray],
 ) -> list[dict[str, str]]:
-    from camlens.api import explain, make_method
-
-    worst = annotations.get("worst", [])
-    if not worst:
-        return []
-    method = make_method(artifacts.classifier, artifacts.method, artifacts.layer)
-    sources = [w["image"] for w in worst]
-    explanation = explain(artifacts.classifier, sources, method=method, target=[cls] * len(sources))
     cards = []
-    for j, item in enumerate(worst):
-        relative = f"figures/worst/{_safe(label)}_{j}.png"
-        image = explanation.image_overlays(j, threshold=None)[0]
-        write_png(out_dir / relative, _thumbnail(image, _THUMB))
+    for j, item in enumerate(annotations.get("worst", [])):
+        picture = _map_overlay(item["image"], maps.get(item["image"]), _THUMB)
+        if picture is None:
+            continue
+        relative = f"figures/worst/{_file_name(label)}_{j}.png"
+        write_png(folder.path(relative), picture)
         cards.append(
             {
                 "src": relative,
@@ -184,14 +242,18 @@ def _worst_figures(
 
 
 def _flag_figures(
-    out_dir: Path, number: int, flag: Mapping[str, Any], confirmation: Any, labels: list[str]
+    folder: OutputFolder,
+    number: int,
+    flag: Mapping[str, Any],
+    confirmation: Confirmation | None,
+    labels: list[str],
 ) -> dict[str, list[dict[str, str]]]:
     if confirmation is None:
         return {}
     stem = f"figures/flags/{number:02d}"
     figures: dict[str, list[dict[str, str]]] = {"paste": [], "erase": []}
     for j, example in enumerate(confirmation.paste.examples):
-        before, after = _pair(out_dir, f"{stem}_paste_{j}", example)
+        before, after = _pair(folder, f"{stem}_paste_{j}", example)
         figures["paste"].append(
             {
                 "before": before,
@@ -204,7 +266,7 @@ def _flag_figures(
             }
         )
     for j, example in enumerate(confirmation.erase.examples):
-        before, after = _pair(out_dir, f"{stem}_erase_{j}", example)
+        before, after = _pair(folder, f"{stem}_erase_{j}", example)
         figures["erase"].append(
             {
                 "before": before,
@@ -218,7 +280,7 @@ def _flag_figures(
     return figures
 
 
-def _pair(out_dir: Path, stem: str, example: Mapping[str, Any]) -> tuple[str, str]:
+def _pair(folder: OutputFolder, stem: str, example: Mapping[str, Any]) -> tuple[str, str]:
     before = _enlarge(Image.fromarray(example["before"]), _THUMB)
     after = Image.fromarray(example["after"])
     scale = _THUMB / max(after.size)
@@ -228,12 +290,12 @@ def _pair(out_dir: Path, stem: str, example: Mapping[str, Any]) -> tuple[str, st
     draw.rectangle(
         (x0 * scale, y0 * scale, x1 * scale - 1, y1 * scale - 1), outline=_CONFIRMED, width=2
     )
-    write_png(out_dir / f"{stem}_before.png", before)
-    write_png(out_dir / f"{stem}_after.png", after)
+    write_png(folder.path(f"{stem}_before.png"), before)
+    write_png(folder.path(f"{stem}_after.png"), after)
     return f"{stem}_before.png", f"{stem}_after.png"
 
 
-def _confirmation_of(finding: Any, flag: Mapping[str, Any]) -> Any:
+def _confirmation_of(finding: ClassFinding | None, flag: Mapping[str, Any]) -> Confirmation | None:
     if finding is None:
         return None
     for hotspot, confirmation in zip(finding.hotspot_records, finding.confirmations, strict=True):
@@ -242,9 +304,10 @@ def _confirmation_of(finding: Any, flag: Mapping[str, Any]) -> Any:
     return None
 
 
-def _resize_map(values: np.ndarray, side: int, *, nearest: bool = False) -> np.ndarray:
+def _resize_map(values: np.ndarray, size: tuple[int, int], *, nearest: bool = False) -> np.ndarray:
+    """A map in [0, 1] resized to ``size`` = (width, height)."""
     image = Image.fromarray(np.asarray(values, dtype=np.float32), mode="F")
-    resized = image.resize((side, side), Image.NEAREST if nearest else Image.BILINEAR)
+    resized = image.resize(size, Image.NEAREST if nearest else Image.BILINEAR)
     return np.clip(np.asarray(resized), 0.0, 1.0)
 
 
@@ -272,17 +335,15 @@ def _thumbnail(image: Image.Image, side: int) -> Image.Image:
 
 
 def _place(box: Sequence[float] | None) -> str:
-    from camlens.audit.core import describe_place
-
     return describe_place(box) if box else ""
+
+
+def _file_name(label: str) -> str:
+    return safe_name(label, fallback="class")
 
 
 def _name(labels: list[str], index: int) -> str:
     return labels[index] if 0 <= index < len(labels) else str(index)
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_-]+", "_", name)[:60] or "class"
 
 
 # --- page ----------------------------------------------------------------------------------

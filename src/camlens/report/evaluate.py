@@ -10,68 +10,76 @@ is static HTML and CSS (no JavaScript, nothing remote); figures are PNG files be
 * ``gallery/<method>/*.png``: the worst-localised images of each method, the map of the
   annotated class with the ground-truth boxes (green) and the map's box at the best
   threshold (white).
+
+Everything is drawn from the summary, the records (each stores the raw maps of its explained
+classes) and the image files: the report never runs the model.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw
 
-from camlens.evaluation import HIGHER_IS_BETTER, METRICS
-from camlens.localize import box_from_map
-from camlens.methods import CAMMethod
-from camlens.models import Classifier
+from camlens.io import ImageLoadError, load_image
+from camlens.localize import box_from_map, normalize_maps
+from camlens.metrics.registry import HIGHER_IS_BETTER, METRICS
+from camlens.pipeline import OutputFolder, as_output_folder
 from camlens.render import overlay, save_figure
 from camlens.report.html import render_template
+from camlens.tasks.common import safe_name
 from camlens.writers import write_png, write_text
 
-__all__ = ["worst_localized", "write_evaluation_report"]
+__all__ = ["REPORT_FILE", "worst_localized", "write_evaluation_report"]
 
 TEMPLATE_NAME = "evaluate.html.j2"
+#: The report's page in the output folder.
+REPORT_FILE = "report.html"
 _GT_COLOR = (0, 220, 0)
 _FIGSIZE = (6.0, 4.0)
 
 
 def write_evaluation_report(
-    out_dir: str | os.PathLike,
+    out: OutputFolder | str | os.PathLike,
     result: Mapping[str, Any],
+    records: Iterable[Mapping[str, Any]] | None = None,
     *,
-    classifier: Classifier | None = None,
     annotations: Sequence[Any] | None = None,
     gallery: int = 6,
-    methods: Mapping[str, CAMMethod] | None = None,
     title: str = "camlens evaluate",
 ) -> Path:
-    """Write ``report.html`` and its figures into ``out_dir``; return the page's path.
+    """Write ``report.html`` and its figures into ``out``; return the page's path.
+
+    Everything is drawn from what the evaluation stored: the summary, the records (with the
+    raw maps of their explained classes, ``arrays``), the annotation boxes and the image
+    files. No model runs here.
 
     Parameters:
-        out_dir: output folder (created).
-        result: what ``camlens.evaluate`` returned.
-        classifier: the evaluated model; needed to draw the gallery (maps are recomputed for
-            the few images shown). Without it, the gallery is left out.
-        annotations: the evaluated ``Annotation`` list, for the ground-truth boxes.
+        out: the output folder (an ``OutputFolder``, or a path: created, files recorded).
+        result: what ``camlens.evaluate`` returned (``metrics.json``).
+        records: the evaluation's records in input order, with their arrays (e.g.
+            ``folder.log("evaluation.jsonl").records()``); without them, no gallery.
+        annotations: the evaluated ``Annotation`` list, for the ground-truth boxes drawn in
+            the gallery (without them, the maps are drawn alone).
         gallery: how many worst-localised images to show per method.
-        methods: the method instances used by the evaluation, by name (reused for the
-            gallery; otherwise new ones are made).
         title: page title.
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    figures = _write_curves(out_dir, result)
+    if not isinstance(out, OutputFolder):
+        Path(out).mkdir(parents=True, exist_ok=True)
+    folder = as_output_folder(out)
+    figures = _write_curves(folder, result)
     galleries = {}
-    if classifier is not None and annotations is not None and gallery > 0:
-        galleries = _write_galleries(
-            out_dir, result, classifier, annotations, gallery, dict(methods or {})
-        )
+    if records is not None and gallery > 0:
+        galleries = _write_galleries(folder, result, records, annotations or [], gallery)
     html = _render(result, figures, galleries, title)
-    return write_text(out_dir / "report.html", html)
+    return write_text(folder.path(REPORT_FILE), html)
 
 
 def worst_localized(records: Sequence[Mapping[str, Any]], n: int) -> list[Mapping[str, Any]]:
@@ -144,7 +152,7 @@ def _format(value: Any) -> str:
 # --- curves ----------------------------------------------------------------------------------
 
 
-def _write_curves(out_dir: Path, result: Mapping[str, Any]) -> list[dict[str, str]]:
+def _write_curves(folder: OutputFolder, result: Mapping[str, Any]) -> list[dict[str, str]]:
     curves = result.get("curves", {})
     figures = []
     specs = [
@@ -163,7 +171,7 @@ def _write_curves(out_dir: Path, result: Mapping[str, Any]) -> list[dict[str, st
                 ylabel,
                 areas=True,
             )
-            figures.append(_save(out_dir, f"curves/{key}.png", figure, heading))
+            figures.append(_save(folder, f"curves/{key}.png", figure, heading))
     boxacc = {m: c["boxacc"] for m, c in curves.items() if c.get("boxacc")}
     if boxacc:
         heading = "Box accuracy (IoU >= 0.5) by map threshold; the peak is MaxBoxAcc"
@@ -173,16 +181,16 @@ def _write_curves(out_dir: Path, result: Mapping[str, Any]) -> list[dict[str, st
             "map threshold (fraction of the maximum)",
             "box accuracy",
         )
-        figures.append(_save(out_dir, "curves/thresholds.png", figure, heading))
+        figures.append(_save(folder, "curves/thresholds.png", figure, heading))
     road = {m: c["road"] for m, c in curves.items() if c.get("road")}
     if road:
         heading = "ROAD: probability after removal (MoRF solid, LeRF dashed)"
         figure = _road_figure(road, heading)
-        figures.append(_save(out_dir, "curves/road.png", figure, heading))
+        figures.append(_save(folder, "curves/road.png", figure, heading))
     sanity = {m: s for m, s in result.get("sanity", {}).items() if s}
     if sanity:
         heading = "Sanity check: similarity to the trained model's maps (lower is better)"
-        figures.append(_save(out_dir, "curves/sanity.png", _sanity_figure(sanity), heading))
+        figures.append(_save(folder, "curves/sanity.png", _sanity_figure(sanity), heading))
     return figures
 
 
@@ -247,8 +255,8 @@ def _sanity_figure(sanity: Mapping[str, Sequence[Mapping[str, Any]]]) -> Figure:
     return figure
 
 
-def _save(out_dir: Path, relative: str, figure: Figure, caption: str) -> dict[str, str]:
-    save_figure(figure, out_dir / relative)
+def _save(folder: OutputFolder, relative: str, figure: Figure, caption: str) -> dict[str, str]:
+    save_figure(figure, folder.path(relative))
     return {"src": relative, "caption": caption}
 
 
@@ -256,41 +264,69 @@ def _save(out_dir: Path, relative: str, figure: Figure, caption: str) -> dict[st
 
 
 def _write_galleries(
-    out_dir: Path,
+    folder: OutputFolder,
     result: Mapping[str, Any],
-    classifier: Classifier,
+    records: Iterable[Mapping[str, Any]],
     annotations: Sequence[Any],
     n: int,
-    instances: dict[str, CAMMethod],
 ) -> dict[str, list[dict[str, str]]]:
-    from camlens.api import explain, make_method
-
-    by_image = {str(a.image): a for a in annotations}
+    """Each method's ``n`` worst-localised instances: the stored map of the annotated class
+    over the photo, its box at MaxBoxAcc's best threshold (white), the ground truth (green)."""
+    worst = {
+        method: worst_localized(rows, n) for method, rows in result.get("per_image", {}).items()
+    }
+    maps = _stored_maps(records, worst)
+    boxes = {str(a.image): a for a in annotations}
     galleries = {}
-    for method, records in result.get("per_image", {}).items():
-        worst = [r for r in worst_localized(records, n) if r["image"] in by_image]
-        if not worst:
-            continue
-        instance = instances.get(method) or make_method(classifier, method)
-        explanation = explain(
-            classifier,
-            [r["image"] for r in worst],
-            method=instance,
-            target=[r["class"] for r in worst],
-        )
+    for method, rows in worst.items():
         cards = []
-        for i, record in enumerate(worst):
-            annotation = by_image[record["image"]]
-            heat = explanation.heatmap(i, 0, original=True)
-            box = box_from_map(heat, record["iou_threshold_map"])
-            image = overlay(explanation.images[i], heat, box=box)
-            _draw_boxes(image, annotation.boxes_for(record["label"]))
-            stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(record["image"]).stem)[:50]
-            relative = f"gallery/{_safe(method)}/{i:02d}_{stem}_c{record['class']}.png"
-            write_png(out_dir / relative, image)
-            cards.append({"src": relative, "caption": _caption(record)})
-        galleries[method] = cards
+        for i, row in enumerate(rows):
+            raw = maps.get((method, row["image"], row["label"]))
+            if raw is None:
+                continue
+            try:
+                image = load_image(row["image"])
+            except ImageLoadError:
+                continue
+            width, height = image.size
+            heat = normalize_maps(torch.from_numpy(raw)[None, None], (height, width))[0, 0]
+            heat = heat.numpy()
+            picture = overlay(image, heat, box=box_from_map(heat, row["iou_threshold_map"]))
+            if row["image"] in boxes:
+                _draw_boxes(picture, boxes[row["image"]].boxes_for(row["label"]))
+            stem = safe_name(Path(row["image"]).stem, 50)
+            relative = f"gallery/{_safe(method)}/{i:02d}_{stem}_c{row['class']}.png"
+            write_png(folder.path(relative), picture)
+            cards.append({"src": relative, "caption": _caption(row)})
+        if cards:
+            galleries[method] = cards
     return galleries
+
+
+def _stored_maps(
+    records: Iterable[Mapping[str, Any]], worst: Mapping[str, Sequence[Mapping[str, Any]]]
+) -> dict[tuple[str, str, Any], np.ndarray]:
+    """The raw maps of the rows in ``worst``, from the records' arrays: ``(method, image,
+    label) -> (h, w)``. Reads the records once and keeps only those maps."""
+    wanted = {
+        (method, row["image"], row["label"]) for method, rows in worst.items() for row in rows
+    }
+    images = {image for _, image, _ in wanted}
+    found: dict[tuple[str, str, Any], np.ndarray] = {}
+    for record in records:
+        if record.get("status") != "ok" or record.get("image") not in images:
+            continue
+        arrays = record.get("arrays")
+        if not isinstance(arrays, Mapping):
+            continue
+        for method, values in record.get("methods", {}).items():
+            if method not in arrays:
+                continue
+            for column, instance in enumerate(values["instances"], start=1):
+                key = (method, record["image"], instance["label"])
+                if key in wanted and key not in found and column < len(arrays[method]):
+                    found[key] = np.asarray(arrays[method][column], dtype=np.float32)
+    return found
 
 
 def _draw_boxes(image: Image.Image, boxes: Sequence[Sequence[float]]) -> None:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from camlens.pipeline import OutputFolder, as_output_folder
 from camlens.report.html import render_template
 from camlens.writers import write_text
 
@@ -77,7 +78,7 @@ def render_gallery(
 
 
 def write_gallery(
-    out_dir: str | os.PathLike,
+    out_dir: OutputFolder | str | os.PathLike,
     records: Iterable[Mapping[str, Any]],
     *,
     title: str = "camlens results",
@@ -88,7 +89,7 @@ def write_gallery(
 
     Parameters
     ----------
-    out_dir : str or os.PathLike
+    out_dir : OutputFolder, str or os.PathLike
         The run's output folder; image paths in ``records`` and ``figures`` are relative to it.
     records, title, subtitle, figures
         As for :func:`render_gallery`.
@@ -104,7 +105,7 @@ def write_gallery(
     PosixPath('out/index.html')
     """
     html = render_gallery(records, title=title, subtitle=subtitle, figures=figures)
-    return write_text(Path(out_dir) / "index.html", html)
+    return write_text(as_output_folder(out_dir).path("index.html"), html)
 
 
 def _card(record: Mapping[str, Any], figures: Mapping[str, str]) -> dict[str, Any]:
@@ -117,7 +118,7 @@ def _card(record: Mapping[str, Any], figures: Mapping[str, str]) -> dict[str, An
         error = record.get("error")
         card["error"] = str(error) if error else f"failed (status {status!r}, no error message)"
         return card
-    figure = figures.get(name)
+    figure = record.get("figure") or figures.get(name)
     card["figure"] = _rel_src(figure) if figure else None
     card["maps"] = [_map_view(m) for m in record.get("maps") or []]
     card["predictions"] = [

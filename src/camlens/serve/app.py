@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import warnings
 from collections.abc import AsyncIterator, Sequence
 from importlib import resources
 from typing import Annotated, Any
@@ -69,9 +70,13 @@ def create_app(
     models_dir: str | os.PathLike | None = None,
     max_upload_mb: float = 20,
     max_queue: int = 8,
-    workers: int = 1,
+    threads: int = 1,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
-    perturbation_channels: int | None = PERTURBATION_CHANNELS,
+    max_channels: int | None = PERTURBATION_CHANNELS,
+    smooth: int = 0,
+    layer: str | None = None,
+    method: str = "cam",
+    **deprecated: Any,
 ) -> FastAPI:
     """Build the camlens web app (serve it with uvicorn, or ``camlens serve``).
 
@@ -81,10 +86,15 @@ def create_app(
         models_dir: a folder whose entries are offered as models too (by file name).
         max_upload_mb: largest accepted upload; bigger requests get 413.
         max_queue: requests that may wait for a worker; more get 503 with Retry-After.
-        workers: threads that run models (requests on the same model take turns).
+        threads: threads that run models (requests on the same model take turns).
         max_pixels: largest accepted image, in pixels (decompression-bomb protection).
-        perturbation_channels: Score-CAM and Ablation-CAM perturb only this many channels
-            (those with the highest mean activation); None: all (minutes per image on a CPU).
+        max_channels: Score-CAM and Ablation-CAM perturb only this many channels (those with
+            the highest mean activation); None: all (minutes per image on a CPU).
+        smooth: gradient methods average over this many noisy copies (SmoothGrad); 0: off.
+        layer: the feature layer of every method (default: the model's, found automatically).
+        method: the method of requests that name none (and the page's first choice).
+        deprecated: ``workers`` (now ``threads``) and ``perturbation_channels`` (now
+            ``max_channels``) still work for one release, with a ``DeprecationWarning``.
 
     Returns:
         A FastAPI application.
@@ -96,14 +106,25 @@ def create_app(
         >>> import uvicorn
         >>> uvicorn.run(create_app(["efficientnet_lite0"]), host="127.0.0.1", port=8000)
     """
+    renamed = {"workers": "threads", "perturbation_channels": "max_channels"}
+    for old in deprecated:
+        if old not in renamed:
+            raise TypeError(f"create_app() got an unexpected keyword argument {old!r}")
+        warnings.warn(
+            f"create_app({old}=...) is deprecated; use {renamed[old]}=", DeprecationWarning, 2
+        )
+    threads = deprecated.get("workers", threads)
+    max_channels = deprecated.get("perturbation_channels", max_channels)
     if max_upload_mb <= 0:
         raise ConfigError(f"max_upload_mb must be positive, got {max_upload_mb}")
-    if perturbation_channels is not None and perturbation_channels < 1:
-        raise ConfigError(
-            f"perturbation_channels must be >= 1 or None, got {perturbation_channels}"
-        )
+    if max_channels is not None and max_channels < 1:
+        raise ConfigError(f"max_channels must be >= 1 or None, got {max_channels}")
+    if smooth < 0:
+        raise ConfigError(f"smooth must be >= 0, got {smooth}")
+    default_method = get_method(method).name
+    method_options = {"max_channels": max_channels, "smooth": smooth}
     store = ModelStore(models, models_dir)
-    queue = WorkQueue(workers=workers, max_waiting=max_queue)
+    queue = WorkQueue(workers=threads, max_waiting=max_queue)
     max_upload_bytes = int(max_upload_mb * MEGABYTE)
 
     @contextlib.asynccontextmanager
@@ -144,7 +165,7 @@ def create_app(
             "models": store.names,
             "default_model": store.default,
             "methods": list(METHODS),
-            "default_method": "cam",
+            "default_method": default_method,
             "colormaps": list(PAGE_COLORMAPS),
             "samples": list(SAMPLES),
             "max_upload_mb": max_upload_mb,
@@ -183,7 +204,9 @@ def create_app(
             str | None, Form(description=f"Instead of a file, a bundled photo: {list(SAMPLES)}.")
         ] = None,
         model: Annotated[str | None, Form(description="Model name (GET /api/models).")] = None,
-        method: Annotated[str, Form(description=f"One of {list(METHODS)}.")] = "cam",
+        method: Annotated[
+            str | None, Form(description=f"One of {list(METHODS)} (default: the server's).")
+        ] = None,
         target: Annotated[
             str,
             Form(description=f"top1 .. top{MAX_TOPK}, a class id or a class name."),
@@ -195,7 +218,7 @@ def create_app(
             raise ConfigError("send exactly one of: an image as 'file', or a 'sample' name")
         job = ExplainRequest(
             model=store.check(model),
-            method=get_method(method).name,
+            method=get_method(method or default_method).name,
             target=parse_target(target),
             colormap=check_colormap(colormap),
             alpha=alpha,
@@ -207,7 +230,7 @@ def create_app(
                 return _error(413, too_large_message(max_upload_bytes))
             job = dataclasses.replace(job, upload=data, filename=file.filename)
         ticket = request.state.ticket  # our place in the queue, taken by Admission
-        return await ticket.run(run_request, store, job, max_pixels, perturbation_channels)
+        return await ticket.run(run_request, store, job, max_pixels, method_options, layer)
 
     return app
 

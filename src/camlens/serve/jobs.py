@@ -22,12 +22,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from camlens.api import explain, make_method
+from camlens.api import explain
 from camlens.errors import ConfigError
 from camlens.explanation import Explanation
 from camlens.io import DEFAULT_MAX_PIXELS
 from camlens.io.samples import SAMPLES, sample_image
-from camlens.methods import PerturbationMethod
+from camlens.methods import make_method, options_for
 from camlens.render import colorize, overlay
 from camlens.serve.models import ModelStore
 from camlens.serve.uploads import decode_upload
@@ -100,19 +100,21 @@ def run_request(
     store: ModelStore,
     request: ExplainRequest,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
-    perturbation_channels: int | None = PERTURBATION_CHANNELS,
+    method_options: dict[str, Any] | None = None,
+    layer: str | None = None,
 ) -> dict[str, Any]:
-    """Decode the image, explain it with the requested model and method, build the JSON."""
+    """Decode the image, explain it with the requested model and method, build the JSON.
+
+    ``method_options`` (the server's ``max_channels``, ``smooth``) reach the methods that take
+    them (``camlens.methods.options_for``); the response lists those used."""
     if request.upload is not None:
         image = decode_upload(request.upload, request.filename, max_pixels=max_pixels)
     else:
         image = sample_image(check_sample(request.sample or ""))
     classifier = store.get(request.model)
-    method = make_method(classifier, request.method)
-    options = {}
-    if isinstance(method, PerturbationMethod) and perturbation_channels is not None:
-        method.max_channels = perturbation_channels  # make_method takes no method options
-        options["max_channels"] = perturbation_channels
+    wanted = {k: v for k, v in (method_options or {}).items() if v}
+    options = options_for(request.method, wanted)
+    method = make_method(classifier, request.method, layer, **options)
     with store.lock(request.model):
         explanation = explain(classifier, [image], method=method, target=request.target)
     payload = explanation_payload(

@@ -13,6 +13,12 @@ accuracy; lower validation loss breaks ties). With the same seed, data and machi
 give identical weights and metrics. After every epoch the full training state is saved
 atomically, so an interrupted run continues with ``resume=True`` as if it had not stopped.
 
+The output folder follows the rules of every camlens command (``camlens.pipeline.folder``): a
+folder that is not empty is refused unless the run resumes (``resume=True``, the same
+parameters, classes and data set) or replaces camlens' earlier run (``overwrite=True``: removes
+exactly the files that run wrote, nothing else); nothing is created before the data set and
+the parameters are checked.
+
 Files in the output folder::
 
     model.safetensors    weights of the best epoch
@@ -21,10 +27,12 @@ Files in the output folder::
                           "val_loss", "lr"}...], "best_epoch", "best_val_accuracy"}
     split.json           the training and validation files (relative to the data folder)
     training_state.pt    model, optimiser, schedule, epoch and random states (for resume)
+    .camlens/            the run's settings and the list of files camlens wrote
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -41,23 +49,32 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from camlens.data.imagefolder import LoadedImages, load_images, scan_image_folder, stratified_split
 from camlens.errors import ConfigError
+from camlens.io.imagefolder import LoadedImages, load_images, scan_image_folder, stratified_split
 from camlens.layers import find_cam_head
+from camlens.models.architectures import build_architecture, is_builtin
+from camlens.models.devices import check_device
 from camlens.models.trained import (
     CONFIG_FILE,
     FORMAT,
     FORMAT_VERSION,
     SIMPLE_WIDTHS,
     WEIGHTS_FILE,
+    CamHead,
+    TruncatedBackbone,
     build_network,
+    replace_linear,
 )
+from camlens.pipeline import OutputFolder, spelling
+from camlens.version import __version__
 from camlens.writers import atomic_path, write_json
 
 METRICS_FILE = "metrics.json"
 SPLIT_FILE = "split.json"
 STATE_FILE = "training_state.pt"
 OUTPUT_FILES = (WEIGHTS_FILE, CONFIG_FILE, METRICS_FILE, SPLIT_FILE, STATE_FILE)
+#: The task name a training run records in its output folder's settings.
+TASK = "train"
 
 SIMPLE_MEAN = (0.5, 0.5, 0.5)
 SIMPLE_STD = (0.25, 0.25, 0.25)
@@ -156,10 +173,13 @@ class Network:
 def make_network(backbone: str, num_classes: int, *, head_channels: int = 1024) -> Network:
     """Build a CAM-ready network with ``num_classes`` outputs on ``backbone``.
 
-    ``"simple"`` is a ``SimpleCNN``. Any other backbone is loaded with ``camlens.load_model``;
-    when ``find_cam_head`` says its head is already GAP + one linear layer (CAM-exact), that
-    linear layer is replaced; otherwise Zhou's recipe cuts it after the feature layer and adds
-    a 3x3 convolution with ``head_channels`` outputs + ReLU, GAP and a linear layer.
+    ``"simple"`` is a ``SimpleCNN``. Any other backbone is built by ``build_architecture``:
+    the built-in model with its pretrained weights, torchvision and timm architectures with
+    random ones (on purpose: they train from scratch, so ``load_model``'s refusal of random
+    weights does not apply). When ``find_cam_head`` says its head is already GAP + one linear
+    layer (CAM-exact), that linear layer is replaced; otherwise Zhou's recipe cuts it after
+    the feature layer and adds a 3x3 convolution with ``head_channels`` outputs + ReLU, GAP
+    and a linear layer.
 
     Example:
         >>> net = make_network("torchvision:vgg11", 3)
@@ -178,10 +198,8 @@ def make_network(backbone: str, num_classes: int, *, head_channels: int = 1024) 
         return Network(
             build_network(arch), arch, ["fc"], False, SIMPLE_SIZE, SIMPLE_MEAN, SIMPLE_STD
         )
-    from camlens.models.registry import available_models, load_model
-
-    classifier = load_model(backbone)
-    pretrained = backbone in available_models()  # built-ins are pretrained
+    classifier = build_architecture(backbone, pretrained=True)
+    pretrained = is_builtin(backbone)  # built-ins are pretrained
     mean, std = tuple(classifier.mean), tuple(classifier.std)
     size = int(classifier.input_size[0])
     example = torch.zeros(1, 3, size, size)
@@ -208,8 +226,6 @@ def make_network(backbone: str, num_classes: int, *, head_channels: int = 1024) 
         "head_channels": head_channels,
         "num_classes": num_classes,
     }
-    from camlens.models.trained import CamHead, TruncatedBackbone
-
     features = TruncatedBackbone(classifier.module, head.feature_layer)
     module = CamHead(features, arch["in_channels"], num_classes, head_channels)
     return Network(module, arch, ["conv", "fc"], pretrained, size, mean, std)
@@ -224,27 +240,35 @@ def train_classifier(
     overwrite: bool = False,
     progress: bool = True,
     on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
+    cli: bool = False,
 ) -> TrainResult:
     """Train a CAM-ready classifier on the ImageFolder data set ``data``; write it to ``out``.
 
     Parameters:
         data: a folder with one subfolder of images per class.
-        out: the model folder (see the module docstring for its files).
+        out: the model folder (see the module docstring for its files). A folder that is not
+            empty is refused unless ``resume`` or ``overwrite``; nothing is created in it
+            before the data set and the parameters are checked.
         config: training parameters (default ``TrainConfig()``).
-        resume: continue the run in ``out`` from its last completed epoch; the parameters
-            must be the same, except ``epochs`` (more epochs extend the run, stretching the
-            remaining cosine schedule) and ``device``.
-        overwrite: replace a previous run in ``out``.
+        resume: continue the run in ``out`` from its last completed epoch; the parameters,
+            the classes and the data set must be the same, except ``epochs`` (more epochs
+            extend the run, stretching the remaining cosine schedule) and ``device``.
+        overwrite: start again in ``out``: remove the files camlens wrote there before (and
+            nothing else: files of yours are kept).
         progress: progress bars and one summary line per epoch on stderr.
         on_epoch_end: called with each epoch's metrics after its files are written.
+        cli: error messages name command-line options (``--resume``) instead of Python
+            arguments (``resume=True``); set by ``camlens train``.
 
     Returns:
         A ``TrainResult``.
 
     Raises:
         ConfigError: a bad data set (fewer than two classes, an empty class folder, a class
-            whose images are all unreadable), bad parameters, a previous run in ``out``
-            without ``resume`` or ``overwrite``, or a resume with other parameters.
+            whose images are all unreadable), bad parameters, an output folder the folder
+            rules refuse (not empty without ``resume`` or ``overwrite``, a file, a file of
+            yours where the run writes one), or a resume with other parameters, classes or
+            data.
 
     Example:
         >>> result = train_classifier("shapes/images", "runs/shapes", TrainConfig(epochs=10))
@@ -253,29 +277,35 @@ def train_classifier(
     """
     config = _checked(config or TrainConfig())
     out = Path(out)
-    state, previous_files = _previous_run(out, resume=resume, overwrite=overwrite)
+    output = OutputFolder(out, spell=spelling(cli, "out"))
+    output.check(resume=resume, overwrite=overwrite)
     folder = scan_image_folder(data)
     with _deterministic(config.seed):
         network = make_network(
             config.backbone, len(folder.classes), head_channels=config.head_channels
         )
-        config = _with_defaults(config, network)
+        config = _with_defaults(config, network, cli=cli)
         size = (config.image_size, config.image_size)
         loaded = load_images(folder.paths, folder.targets, size, progress=progress)
         _check_loaded(loaded, folder.classes, folder.root)
         train_idx, val_idx = stratified_split(loaded.targets, config.val_split, config.seed)
         parameters = _training_parameters(config, folder.root, loaded, train_idx, val_idx)
-        if state is not None:
-            _check_resume(state, parameters, folder.classes, out)
-        for path in previous_files:
-            path.unlink(missing_ok=True)
-        _write_run_files(
-            out, network, config, folder.classes, parameters, loaded, train_idx, val_idx
-        )
-        trainer = _Trainer(network, config, loaded, train_idx, val_idx, progress)
-        if state is not None:
-            trainer.load_state(state)
-        metrics = trainer.fit(out, on_epoch_end)
+        settings = _run_settings(parameters, folder.classes, loaded, train_idx, val_idx)
+        try:
+            files, state = _open_output(output, settings, resume=resume, overwrite=overwrite)
+            try:
+                _write_run_files(
+                    files, network, config, folder.classes, parameters, loaded, train_idx, val_idx
+                )
+                trainer = _Trainer(network, config, loaded, train_idx, val_idx, progress)
+                if state is not None:
+                    trainer.load_state(state)
+            except Exception:
+                output.discard()  # a fresh run that could not start leaves nothing behind
+                raise
+            metrics = trainer.fit(files, on_epoch_end)
+        finally:
+            output.close()
     return TrainResult(out, metrics, len(train_idx), len(val_idx), loaded.skipped)
 
 
@@ -363,7 +393,9 @@ class _Trainer:
         n, size = len(self.train_idx), self.config.batch_size
         return n // size + (1 if n % size > 1 or n < 2 else 0)
 
-    def fit(self, out: Path, on_epoch_end: Callable[[dict[str, Any]], None] | None) -> dict:
+    def fit(
+        self, files: dict[str, Path], on_epoch_end: Callable[[dict[str, Any]], None] | None
+    ) -> dict:
         epochs = self.config.epochs
         for epoch in range(self.epoch + 1, epochs + 1):
             train_loss, train_accuracy = self._train_epoch(epoch)
@@ -381,9 +413,9 @@ class _Trainer:
             improved = self._is_best(record)
             if improved:
                 self.best = {k: record[k] for k in ("epoch", "val_accuracy", "val_loss")}
-                _save_weights(self.module, out / WEIGHTS_FILE)
-            _save_state(self.state_dict(), out / STATE_FILE)
-            write_json(out / METRICS_FILE, self.metrics())
+                _save_weights(self.module, files[WEIGHTS_FILE])
+            _save_state(self.state_dict(), files[STATE_FILE])
+            write_json(files[METRICS_FILE], self.metrics())
             if self.progress:
                 tqdm.write(_epoch_line(record, epochs, improved))
             if on_epoch_end is not None:
@@ -503,20 +535,18 @@ def _checked(config: TrainConfig) -> TrainConfig:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-    try:
-        torch.device(config.device)
-    except RuntimeError as error:
-        raise ConfigError(f"unknown device {config.device!r}: {error}") from error
+    check_device(config.device)
     return config
 
 
-def _with_defaults(config: TrainConfig, network: Network) -> TrainConfig:
+def _with_defaults(config: TrainConfig, network: Network, *, cli: bool = False) -> TrainConfig:
     """Fill in the defaults that depend on the backbone (size, epochs, freezing, lr)."""
     freeze = network.pretrained if config.freeze_backbone is None else config.freeze_backbone
     if freeze and not network.pretrained:
         warnings.warn(
             f"{config.backbone} starts from random weights; freezing it trains only the new "
-            "head on random features (pass --finetune to train the whole network)",
+            f"head on random features (pass {'--finetune' if cli else 'freeze_backbone=False'} "
+            "to train the whole network)",
             stacklevel=3,
         )
     lr = config.lr
@@ -528,32 +558,58 @@ def _with_defaults(config: TrainConfig, network: Network) -> TrainConfig:
     return TrainConfig(**{**asdict(config), **filled})
 
 
-def _previous_run(
-    out: Path, *, resume: bool, overwrite: bool
-) -> tuple[dict[str, Any] | None, list[Path]]:
-    """The saved training state to resume from (None: a fresh run), and files to replace."""
-    if resume and overwrite:
-        raise ConfigError("choose either resume or overwrite, not both")
-    state_path = out / STATE_FILE
-    if resume:
-        if not state_path.is_file():
+def _open_output(
+    output: OutputFolder, settings: dict[str, Any], *, resume: bool, overwrite: bool
+) -> tuple[dict[str, Path], dict[str, Any] | None]:
+    """Prepare the output folder (the data set and parameters are valid by now), record or
+    check the run's settings, and claim the run's files in its manifest. Returns the files'
+    paths and the saved training state to resume from (None: start at the first epoch)."""
+    resumed = output.prepare(resume=resume, overwrite=overwrite)
+    try:
+        output.record_settings(TASK, settings)
+        files = {name: output.path(name) for name in OUTPUT_FILES}
+    except Exception:
+        output.discard()
+        raise
+    state_path = files[STATE_FILE]
+    if not (resumed and state_path.is_file()):
+        if resume:
             warnings.warn(
-                f"nothing to resume in {out} (no {STATE_FILE}); starting a new run", stacklevel=3
+                f"nothing to resume in {output.root} (no {STATE_FILE}); starting a new run",
+                stacklevel=3,
             )
-            return None, []
-        try:
-            return torch.load(state_path, map_location="cpu", weights_only=True), []
-        except Exception as error:  # a damaged or foreign file
-            raise ConfigError(
-                f"cannot read {state_path} ({error}); pass overwrite to start again"
-            ) from error
-    existing = [out / name for name in OUTPUT_FILES if (out / name).exists()]
-    if existing and not overwrite:
+        return files, None
+    try:
+        return files, torch.load(state_path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a damaged or foreign file
         raise ConfigError(
-            f"{out} already holds a training run ({', '.join(p.name for p in existing)}); "
-            "pass --resume to continue it, --overwrite to replace it, or choose another --out"
-        )
-    return None, existing
+            f"cannot read {state_path} ({error}); start again with {output.spell('overwrite')}"
+        ) from error
+
+
+def _run_settings(
+    parameters: dict[str, Any],
+    classes: list[str],
+    loaded: LoadedImages,
+    train_idx: list[int],
+    val_idx: list[int],
+) -> dict[str, Any]:
+    """What a resume must match: the parameters that may not change (not ``epochs`` or
+    ``device``), the class names and the data set (its folder, its readable images and their
+    split, as a digest of the file names)."""
+    root = Path(parameters["data"])
+    split = {
+        "train": [_relative(loaded.paths[i], root) for i in train_idx],
+        "val": [_relative(loaded.paths[i], root) for i in val_idx],
+    }
+    digest = hashlib.sha256(json.dumps(split).encode("utf-8")).hexdigest()[:16]
+    return {
+        **_resume_view(parameters),
+        "classes": list(classes),
+        "data": parameters["data"],
+        "n_images": parameters["n_images"],
+        "images_sha256": digest,
+    }
 
 
 def _check_loaded(loaded: LoadedImages, classes: list[str], root: Path) -> None:
@@ -591,30 +647,8 @@ def _resume_view(parameters: dict[str, Any]) -> dict[str, Any]:
     return {k: parameters[k] for k in _RESUME_KEYS}
 
 
-def _check_resume(state: dict, parameters: dict, classes: list[str], out: Path) -> None:
-    saved = state["training"]
-    changed = [
-        f"{k}: {saved.get(k)!r} -> {parameters[k]!r}"
-        for k in _RESUME_KEYS
-        if saved.get(k) != parameters[k]
-    ]
-    if changed:
-        raise ConfigError(
-            f"cannot resume the run in {out} with other parameters ({'; '.join(changed)}); "
-            "use the same ones, or --overwrite to start again"
-        )
-    config_path = out / CONFIG_FILE
-    if config_path.is_file():
-        labels = json.loads(config_path.read_text(encoding="utf-8")).get("labels")
-        if labels != classes:
-            raise ConfigError(
-                f"cannot resume the run in {out}: it was trained on classes {labels}, the data "
-                f"now has {classes}"
-            )
-
-
 def _write_run_files(
-    out: Path,
+    files: dict[str, Path],
     network: Network,
     config: TrainConfig,
     classes: list[str],
@@ -623,10 +657,8 @@ def _write_run_files(
     train_idx: list[int],
     val_idx: list[int],
 ) -> None:
-    from camlens import __version__
-
     write_json(
-        out / CONFIG_FILE,
+        files[CONFIG_FILE],
         {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -645,7 +677,7 @@ def _write_run_files(
         return [_relative(loaded.paths[i], root) for i in indices]
 
     write_json(
-        out / SPLIT_FILE,
+        files[SPLIT_FILE],
         {
             "data": parameters["data"],
             "train": relative(train_idx),
@@ -725,8 +757,6 @@ def _within(name: str, prefix: str) -> bool:
 
 
 def _replace(module: nn.Module, arch: dict[str, Any]) -> nn.Module:
-    from camlens.models.trained import replace_linear
-
     return replace_linear(module, arch["classifier"], arch["num_classes"])
 
 

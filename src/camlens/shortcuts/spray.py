@@ -20,8 +20,6 @@ from typing import Any
 
 import numpy as np
 from scipy.sparse import csgraph, csr_matrix
-from sklearn.cluster import SpectralClustering
-from sklearn.neighbors import kneighbors_graph
 
 from camlens.errors import ConfigError
 from camlens.localize import box_from_map
@@ -98,6 +96,8 @@ def knn_affinity(vectors: np.ndarray, n_neighbors: int) -> csr_matrix:
                [1. , 0. , 0.5],
                [0. , 0.5, 0. ]])
     """
+    from sklearn.neighbors import kneighbors_graph  # imported on use (~0.5 s), as below
+
     connectivity = kneighbors_graph(vectors, n_neighbors, mode="connectivity", include_self=False)
     return csr_matrix(0.5 * (connectivity + connectivity.T))
 
@@ -208,6 +208,8 @@ def spectral_relevance_analysis(
         if count > 1:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Graph is not fully connected")
+                from sklearn.cluster import SpectralClustering
+
                 labels = SpectralClustering(
                     n_clusters=count,
                     affinity="precomputed",

@@ -182,6 +182,9 @@ class MapAccumulator:
     ) -> torch.Tensor:
         """Add a batch; return its top-cell masks (N, G, G) bool (for ``TopCellSpool``).
 
+        Sums are taken in float64, so the statistics do not depend on how the maps are
+        grouped into batches.
+
         Parameters:
             maps: (N, G, G) normalised maps on the grid.
             classes: (N,) class index of each image.
@@ -197,7 +200,7 @@ class MapAccumulator:
             stats = self.class_stats(int(cls))
             stats.count += int(members.sum())
             stats.heated += int((members & heated).sum())
-            stats.map_sum += maps[members].sum(dim=0).double().numpy()
+            stats.map_sum += maps[members].double().sum(dim=0).numpy()
             stats.top_count += tops[members].sum(dim=0).numpy()
             if images is not None:
                 stats.image_sum += images[members].double().sum(dim=0).numpy()

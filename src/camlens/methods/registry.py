@@ -1,0 +1,132 @@
+"""The method registry: names -> classes, and building methods for a classifier."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from camlens.errors import ConfigError
+from camlens.methods.base import CAMMethod
+from camlens.methods.baseline import RandomCAM
+from camlens.methods.cam import CAM
+from camlens.methods.gradient import GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM
+from camlens.methods.perturbation import AblationCAM, ScoreCAM
+from camlens.methods.projection import EigenCAM
+from camlens.models import Classifier
+
+METHODS: dict[str, type[CAMMethod]] = {
+    cls.name: cls
+    for cls in (
+        CAM,
+        GradCAM,
+        GradCAMPlusPlus,
+        HiResCAM,
+        XGradCAM,
+        LayerCAM,
+        ScoreCAM,
+        AblationCAM,
+        EigenCAM,
+        RandomCAM,
+    )
+}
+
+ALIASES: dict[str, str] = {"gradcampp": "gradcam++", "gradcamplusplus": "gradcam++"}
+
+
+def get_method(name: str) -> type[CAMMethod]:
+    """The method class registered as ``name`` (case-insensitive; ``-`` and ``_`` ignored).
+
+    Example:
+        >>> get_method("Grad-CAM++").name, get_method("gradcampp").name
+        ('gradcam++', 'gradcam++')
+    """
+    key = name.strip().lower().replace("-", "").replace("_", "")
+    key = ALIASES.get(key, key)
+    if key not in METHODS:
+        raise ConfigError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}")
+    return METHODS[key]
+
+
+def make_method(
+    classifier: Classifier, method: str, layer: str | None = None, **options: Any
+) -> CAMMethod:
+    """Instantiate method ``method`` for ``classifier`` (reuse it across batches).
+
+    ``options`` are keyword arguments of the method's class (``max_channels``, ``batch_size``,
+    ``smooth``, ``seed``...); an option the method does not take is a ``ConfigError``.
+    """
+    cls = get_method(method)
+    try:
+        return cls(
+            classifier.module,
+            layer=layer or classifier.layer,
+            output=classifier.output,
+            labels=classifier.labels,
+            **options,
+        )
+    except TypeError as error:
+        raise ConfigError(
+            f"method {cls.name!r} does not take the option(s) {', '.join(options)} ({error})"
+        ) from error
+
+
+def options_for(method: str | type[CAMMethod], options: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of ``options`` that method ``method`` takes: ``smooth`` and ``smooth_sigma``
+    reach gradient methods only, every other option the methods whose class accepts it (e.g.
+    ``max_channels``: Score-CAM and Ablation-CAM). For runs of several methods with one set of
+    command-line options.
+
+    Example:
+        >>> options_for("cam", {"smooth": 8, "max_channels": 64})
+        {}
+        >>> options_for("scorecam", {"smooth": 8, "max_channels": 64})
+        {'max_channels': 64}
+        >>> options_for("gradcam", {"smooth": 8, "max_channels": 64})
+        {'smooth': 8}
+    """
+    cls = get_method(method) if isinstance(method, str) else method
+    accepted = {
+        name
+        for klass in cls.__mro__
+        if "__init__" in vars(klass)
+        for name, parameter in inspect.signature(vars(klass)["__init__"]).parameters.items()
+        if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+    if not cls.needs_gradients:
+        accepted -= {"smooth", "smooth_sigma"}
+    return {key: value for key, value in options.items() if key in accepted}
+
+
+def make_methods(
+    classifier: Classifier,
+    methods: Sequence[str | CAMMethod] | str,
+    layer: str | None = None,
+    options: Mapping[str, Any] | None = None,
+) -> list[CAMMethod]:
+    """Method instances for ``methods`` (names, instances, a comma-separated string or
+    ``"all"``), one per distinct method, in order; each gets the ``options`` it takes
+    (:func:`options_for`).
+
+    Example:
+        >>> [m.name for m in make_methods(model, "cam, gradcam,cam")]
+        ['cam', 'gradcam']
+    """
+    items = methods.split(",") if isinstance(methods, str) else list(methods)
+    items = [n.strip() if isinstance(n, str) else n for n in items]
+    items = [n for n in items if not isinstance(n, str) or n]
+    if items == ["all"]:
+        items = list(METHODS)
+    if not items:
+        raise ConfigError("no method selected")
+    instances: dict[str, CAMMethod] = {}
+    for item in items:
+        if isinstance(item, CAMMethod):
+            instances.setdefault(item.name, item)
+            continue
+        name = get_method(item).name
+        if name not in instances:
+            instances[name] = make_method(
+                classifier, name, layer, **options_for(name, options or {})
+            )
+    return list(instances.values())

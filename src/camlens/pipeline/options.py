@@ -1,0 +1,95 @@
+"""``RunOptions``: how a batch job runs (not what it computes), the same for every task."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from camlens.errors import ConfigError
+from camlens.models.devices import check_device
+
+#: Where a job's batches run: this process, or a pool of Ray actors.
+ENGINES = ("local", "ray")
+
+#: The default images per batch of every batch command.
+DEFAULT_BATCH_SIZE = 16
+
+_CLI_SPELLING = {"out_dir": "--out", "ray_address": "--ray-address", "batch_size": "--batch-size"}
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a batch job runs: batch size, device, engine, output-folder policy, progress.
+
+    Attributes:
+        batch_size: inputs per batch (per forward pass). Batches are the consecutive slices
+            of ``batch_size`` inputs, whatever the engine and however often a run is resumed,
+            so the results depend on neither.
+        device: torch device for a model given by spec (``"cpu"``, ``"cuda:1"``...).
+        engine: ``"local"`` (this process, decoding one batch ahead in threads) or ``"ray"``
+            (a pool of Ray actors, each loading the model once; needs ``camlens[ray]``).
+        ray_address: address of a running Ray cluster (default: start a local Ray).
+        workers: Ray actors (default: one per CPU); only for ``engine="ray"``.
+        resume: continue an interrupted run in the output folder (same settings and inputs).
+        overwrite: remove what camlens wrote in the output folder before, and start again.
+        progress: show a progress bar on stderr.
+        cli: errors name command-line options (``--resume``) instead of Python arguments
+            (``resume=True``); set by the command line.
+
+    Example:
+        >>> RunOptions(batch_size=32, engine="ray", workers=4).engine
+        'ray'
+        >>> RunOptions(resume=True).spell("overwrite")
+        'overwrite=True'
+    """
+
+    batch_size: int = DEFAULT_BATCH_SIZE
+    device: str | None = None
+    engine: str = "local"
+    ray_address: str | None = None
+    workers: int | None = None
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+    cli: bool = False
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ConfigError(
+                f"unknown engine {self.engine!r}; choose one of: {', '.join(ENGINES)}"
+            )
+        if int(self.batch_size) < 1:
+            raise ConfigError(f"{self.spell('batch_size', '')} must be at least 1")
+        if self.workers is not None and int(self.workers) < 1:
+            raise ConfigError(f"{self.spell('workers', '')} must be at least 1")
+        check_device(self.device)
+        if self.resume and self.overwrite:
+            raise ConfigError(
+                f"{self.spell('resume')} and {self.spell('overwrite')} exclude each other; "
+                "choose one"
+            )
+
+    def spell(self, name: str, value: object = True) -> str:
+        """How the user gives option ``name`` in the interface they use: ``--resume`` on the
+        command line, ``resume=True`` in Python (``value=""`` gives the bare name)."""
+        return spelling(self.cli)(name, value)
+
+
+def spelling(cli: bool, out_name: str = "out_dir") -> Callable[..., str]:
+    """``spell(name, value=True)``: how a message names option ``name``: ``--resume`` on the
+    command line, ``resume=True`` in Python, where the output folder is the function's
+    ``out_name`` argument.
+
+    Example:
+        >>> spelling(True)("out_dir", ""), spelling(False, "out")("out_dir", "")
+        ('--out', 'out')
+    """
+
+    def spell(name: str, value: object = True) -> str:
+        if cli:
+            return _CLI_SPELLING.get(name, "--" + name.replace("_", "-"))
+        if name == "out_dir":
+            name = out_name
+        return name if value == "" else f"{name}={value!r}"
+
+    return spell

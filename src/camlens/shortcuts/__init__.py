@@ -1,0 +1,57 @@
+"""Data-set level shortcut search, the analysis behind ``camlens audit``: find, group, confirm.
+
+A "horse" classifier that reads a source tag in the corner (Lapuschkin et al. 2019) or an
+x-ray model that reads a metal token (Zech et al. 2018) shows it on every image, but nobody
+looks at ten thousand heat maps. The audit folds the maps of a whole data set into per-class
+statistics (``find``), finds regions that are hot on many images of a class at the same place,
+groups each class's maps into strategies (``spray``: SpRAy), and proves or rejects each
+candidate with counterfactuals (``confirm``: paste it onto other images, erase it) against
+random regions of the same size. ``core`` holds the settings, the fold and the result;
+``data`` which images an audit looks at.
+
+The map pass itself is a task of the batch pipeline (``camlens.tasks.audit``) and the whole
+job is ``camlens.audit`` (``camlens.api.auditing``).
+
+Example:
+    >>> import camlens  # doctest: +SKIP
+    >>> result = camlens.audit("runs/shapes", "shapes/images", "audit_out")  # doctest: +SKIP
+    >>> result["summary"][0]  # doctest: +SKIP
+    'Class circle depends on a fixed region in the upper left corner of the image ...'
+"""
+
+from camlens.shortcuts.confirm import Confirmation, ConfirmRule, confirm_hotspot
+from camlens.shortcuts.core import (
+    AuditFold,
+    AuditSettings,
+    AuditSummary,
+    ClassFinding,
+    build_result,
+    describe_place,
+    object_grid,
+    summary_sentences,
+    widen_box,
+)
+from camlens.shortcuts.find import Hotspot, MapAccumulator, find_hotspots, heat_share
+from camlens.shortcuts.spray import Reservoir, eigengap_cluster_count, spectral_relevance_analysis
+
+__all__ = [
+    "AuditFold",
+    "AuditSettings",
+    "AuditSummary",
+    "ClassFinding",
+    "ConfirmRule",
+    "Confirmation",
+    "Hotspot",
+    "MapAccumulator",
+    "Reservoir",
+    "build_result",
+    "confirm_hotspot",
+    "describe_place",
+    "eigengap_cluster_count",
+    "find_hotspots",
+    "heat_share",
+    "object_grid",
+    "spectral_relevance_analysis",
+    "summary_sentences",
+    "widen_box",
+]

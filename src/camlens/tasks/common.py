@@ -1,0 +1,61 @@
+"""What every task needs: decoding an input for a model, loading the model in a worker."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from camlens.io import ImageLoadError, load_image
+from camlens.models import Classifier, load_model
+
+
+@dataclass
+class Loaded:
+    """One decoded input (or the reason it could not be decoded)."""
+
+    index: int
+    source: str
+    image: Image.Image | None = None
+    tensor: torch.Tensor | None = None
+    error: str | None = None
+
+
+def load_input(classifier: Classifier, index: int, source: str | os.PathLike) -> Loaded:
+    """Decode and preprocess one input; a bad file becomes a ``Loaded`` with ``error``."""
+    try:
+        image = load_image(source)
+    except ImageLoadError as error:
+        return Loaded(index, str(source), error=str(error))
+    return Loaded(index, str(source), image=image, tensor=classifier.preprocess(image))
+
+
+def worker_model(model: Classifier | str, device: str | None = None) -> Classifier:
+    """The model in a worker: the ``Classifier`` itself, or loaded from its spec (a Ray actor
+    receives the folder of a trained model and loads it once)."""
+    return load_model(model, device=device) if isinstance(model, str) else model
+
+
+def safe_name(text: str, limit: int = 60, fallback: str = "input") -> str:
+    """``text`` as a file-name part: runs of anything but letters, digits, ``.``, ``_`` and
+    ``-`` become ``_``; at most ``limit`` characters.
+
+    Example:
+        >>> safe_name("my photo (1)"), safe_name("gradcam++"), safe_name("", fallback="x")
+        ('my_photo_1_', 'gradcam_', 'x')
+    """
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)[:limit] or fallback
+
+
+def output_stem(index: int, source: str) -> str:
+    """File-name stem of input ``index``: its position and its sanitised name.
+
+    Example:
+        >>> output_stem(3, "photos/my cat.jpg")
+        '00003_my_cat'
+    """
+    return f"{index:05d}_{safe_name(Path(source).stem)}"

@@ -1,0 +1,246 @@
+"""The explain task: every input's maps as overlays and raw maps, and its record.
+
+Per input (``process``): decode, run the method on the batch, write the overlay of every
+explained class (``overlays/<n>_<name>_c<class>.png``), the raw maps (``raw/<n>_<name>.npz``)
+and, on request, a figure with all maps side by side (``figures/<n>_<name>.png``); the record
+is one line of ``results.jsonl`` (see the README's contract). ``fold`` counts the records; the
+gallery (``index.html``) is drawn from the records by ``camlens.report.gallery``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, ClassVar
+
+import torch
+from PIL import Image
+
+from camlens.errors import ConfigError
+from camlens.explanation import Explanation
+from camlens.methods import make_method
+from camlens.models import Classifier
+from camlens.models.fingerprint import model_fingerprint
+from camlens.pipeline import Item, OutputFolder, model_for_actors
+from camlens.render import colorize, save_figure, topk_figure
+from camlens.targets import Target, check_target, describe_target
+from camlens.tasks.common import Loaded, load_input, output_stem, worker_model
+from camlens.writers import write_npz, write_png
+
+__all__ = ["ExplainTask", "Style", "error_record", "write_image_outputs"]
+
+
+@dataclass(frozen=True)
+class Style:
+    """How overlays look: matplotlib colormap, opacity, and the box threshold.
+
+    Example:
+        >>> Style(colormap="inferno").check().colormap
+        'inferno'
+    """
+
+    colormap: str = "jet"
+    alpha: float = 0.5
+    threshold: float = 0.2
+
+    def check(self) -> Style:
+        """This style, after checking it (an unknown colormap is a ``ConfigError``)."""
+        colorize(torch.zeros(1, 1).numpy(), self.colormap)
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"alpha must be in [0, 1], got {self.alpha}")
+        if not 0.0 <= self.threshold < 1.0:
+            raise ConfigError(f"the box threshold must be in [0, 1), got {self.threshold}")
+        return self
+
+
+@dataclass(frozen=True)
+class ExplainTask:
+    """Explain every input (see the module docstring).
+
+    Attributes:
+        model: the ``Classifier`` (or a ``load_model`` spec, for Ray actors).
+        method, target, layer, method_options: as in ``camlens.explain``.
+        style: how overlays look.
+        figures: also write one figure per input with all its maps side by side.
+    """
+
+    model: Classifier | str
+    method: str = "cam"
+    target: Target = "top1"
+    layer: str | None = None
+    method_options: dict[str, Any] = field(default_factory=dict)
+    style: Style = field(default_factory=Style)
+    figures: bool = False
+
+    name: ClassVar[str] = "explain"
+    records_file: ClassVar[str] = "results.jsonl"
+    parts_dir: ClassVar[str] = "parts"
+
+    def settings(self) -> dict[str, Any]:
+        fingerprint = (
+            model_fingerprint(self.model)
+            if isinstance(self.model, Classifier)
+            else {"model": self.model}
+        )
+        return {
+            **fingerprint,
+            "method": self.method,
+            "method_options": self.method_options,
+            "target": describe_target(self.target),
+            "layer": self.layer,
+            "style": asdict(self.style),
+            "figures": self.figures,
+        }
+
+    def describe(self, item: Any) -> Any:
+        return str(item)
+
+    def start(self, folder: OutputFolder | None) -> _ExplainWorker:
+        if folder is None:
+            raise ConfigError("the explain task writes files: give it an output folder")
+        return _ExplainWorker(self, folder)
+
+    def for_actors(self) -> ExplainTask:
+        if isinstance(self.model, Classifier):
+            return replace(self, model=model_for_actors(self.model))
+        return self
+
+    def fold(self, records: Iterable[dict[str, Any]]) -> dict[str, int]:
+        """Counts: ``{"n_ok": ..., "n_error": ...}``."""
+        counts = {"n_ok": 0, "n_error": 0}
+        for record in records:
+            counts["n_ok" if record["status"] == "ok" else "n_error"] += 1
+        return counts
+
+
+class _ExplainWorker:
+    """The model and the method, made once; batches of paths in, records (and files) out."""
+
+    def __init__(self, task: ExplainTask, folder: OutputFolder) -> None:
+        self.task = task
+        self.folder = folder
+        self.classifier = worker_model(task.model)
+        self.method = make_method(self.classifier, task.method, task.layer, **task.method_options)
+        check_target(task.target, self.classifier.labels)
+
+    def load(self, item: Item) -> Loaded:
+        return load_input(self.classifier, *item)
+
+    def process(self, batch: Sequence[Item], loaded: Sequence[Loaded]) -> list[dict[str, Any]]:
+        good = [item for item in loaded if item.error is None]
+        records = {
+            item.index: error_record(item.source, item.error) for item in loaded if item.error
+        }
+        if good:
+            x = torch.cat([item.tensor for item in good])
+            explanation = Explanation.from_result(
+                self.method.run(x, self.task.target),
+                self.method.name,
+                tuple(x.shape[-2:]),
+                self.classifier.labels,
+                images=[item.image for item in good],
+                sources=[item.source for item in good],
+            )
+            for i, item in enumerate(good):
+                records[item.index] = write_image_outputs(
+                    explanation,
+                    i,
+                    output_stem(item.index, item.source),
+                    self.folder,
+                    self.task.style,
+                    figures=self.task.figures,
+                )
+        return [records[index] for index, _ in batch]
+
+
+def write_image_outputs(
+    explanation: Explanation,
+    i: int,
+    stem: str,
+    folder: OutputFolder,
+    style: Style,
+    *,
+    figures: bool = False,
+) -> dict[str, Any]:
+    """Write image ``i``'s overlays, raw maps (and figure) into ``folder``; return its record.
+
+    Example:
+        >>> write_image_outputs(explanation, 0, "00000_cat", folder, Style())["maps"][0]["overlay"]
+        'overlays/00000_cat_c285.png'
+    """
+    probs = explanation.probs[i]
+    top = probs.topk(min(5, probs.numel()))
+    predictions = [
+        {"class": int(c), "label": explanation.label(int(c)), "prob": round(float(p), 6)}
+        for p, c in zip(top.values, top.indices, strict=True)
+    ]
+    boxes = explanation.image_boxes(i, style.threshold, original=True)
+    overlays = explanation.image_overlays(
+        i, colormap=style.colormap, alpha=style.alpha, threshold=style.threshold
+    )
+    maps = []
+    for k, (class_id, image) in enumerate(
+        zip(explanation.targets[i].tolist(), overlays, strict=True)
+    ):
+        relative = f"overlays/{stem}_c{class_id}.png"
+        write_png(folder.path(relative), image)
+        maps.append(
+            {
+                "class": class_id,
+                "label": explanation.label(class_id),
+                "score": round(float(explanation.scores[i, k]), 6),
+                "prob": round(float(probs[class_id]), 6),
+                "overlay": relative,
+                "box": list(boxes[k]) if boxes[k] is not None else None,
+            }
+        )
+    raw_path = f"raw/{stem}.npz"
+    write_npz(
+        folder.path(raw_path),
+        raw=explanation.raw[i].numpy(),
+        targets=explanation.targets[i].numpy(),
+        logits=explanation.logits[i].numpy(),
+    )
+    width, height = explanation.original_size(i)
+    record = {
+        "input": explanation.source(i),
+        "status": "ok",
+        "error": None,
+        "predictions": predictions,
+        "maps": maps,
+        "raw": raw_path,
+        "method": explanation.method,
+        "layer": explanation.layer,
+        "size": [width, height],
+        "identity_error": explanation.identity_error,
+    }
+    if figures:
+        record["figure"] = _write_figure(explanation, i, overlays, maps, stem, folder)
+    return record
+
+
+def _write_figure(
+    explanation: Explanation,
+    i: int,
+    overlays: list[Image.Image],
+    maps: list[dict[str, Any]],
+    stem: str,
+    folder: OutputFolder,
+) -> str:
+    titles = [f"{m['label']}\np={m['prob']:.2f}" for m in maps]
+    figure = topk_figure(explanation.display_image(i), overlays, titles)
+    relative = f"figures/{stem}.png"
+    save_figure(figure, folder.path(relative))
+    return relative
+
+
+def error_record(source: str, message: str | None) -> dict[str, Any]:
+    """The record of an input that could not be processed."""
+    return {
+        "input": source,
+        "status": "error",
+        "error": message,
+        "predictions": [],
+        "maps": [],
+        "raw": None,
+    }
