@@ -14,7 +14,7 @@ from PIL import Image
 import camlens
 from camlens import ConfigError
 from camlens.cli import main
-from camlens.cli.common import load_classifier
+from camlens.cli.common import ModelChoice, ModelFiles
 from camlens.models.architectures import build_architecture
 from camlens.training import make_network
 
@@ -160,8 +160,8 @@ def test_help_lists_the_flag():
     assert "--random-weights" in CliRunner().invoke(main, ["explain", "--help"]).output
 
 
-def test_load_classifier_takes_the_flag_outside_a_command():
+def test_the_model_choice_of_the_command_line_takes_the_flag():
     with pytest.raises(ConfigError, match="--random-weights"):
-        load_classifier("torchvision:resnet18", "cpu")
-    model = load_classifier("torchvision:resnet18", "cpu", random_weights=True)
+        ModelChoice("torchvision:resnet18").load("cpu")
+    model = ModelChoice("torchvision:resnet18", ModelFiles(random_weights=True)).load("cpu")
     assert model.module.fc.out_features == 1000

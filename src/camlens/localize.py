@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from camlens.io.annotations import mask_box
+
 Box = tuple[int, int, int, int]
 
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
@@ -70,8 +72,7 @@ def box_from_map(heatmap: np.ndarray, threshold: float = 0.2) -> Box | None:
         return None
     sizes = np.bincount(labels.ravel())[1:]
     largest = int(np.argmax(sizes)) + 1
-    rows, cols = ndimage.find_objects((labels == largest).astype(np.int32))[0]
-    return (cols.start, rows.start, cols.stop, rows.stop)
+    return mask_box(labels == largest)
 
 
 def scale_box(box: Box, from_size: tuple[int, int], to_size: tuple[int, int]) -> Box:

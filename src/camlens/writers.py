@@ -1,7 +1,9 @@
 """Output files: every file is written atomically (temporary file in the same folder + rename).
 
 A reader never sees a half-written PNG, ``.npz`` or HTML file: either the old file or the
-complete new one. ``results.jsonl`` is appended one whole line at a time and flushed.
+complete new one. (A run's records are appended by ``camlens.pipeline.RecordLog``.) Also
+here: :func:`safe_name`, a text as a file-name part, and :class:`Closing`, the ``with`` side of
+objects that hold a (temporary) file open.
 """
 
 from __future__ import annotations
@@ -9,10 +11,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 from PIL import Image
@@ -25,6 +28,17 @@ def _current_umask() -> int:
 
 
 _UMASK = _current_umask()
+
+
+def safe_name(text: str, limit: int = 60, fallback: str = "input") -> str:
+    """``text`` as a file-name part: runs of anything but letters, digits, ``.``, ``_`` and
+    ``-`` become ``_``; at most ``limit`` characters; ``fallback`` when nothing is left.
+
+    Example:
+        >>> safe_name("my photo (1)"), safe_name("gradcam++"), safe_name("", fallback="x")
+        ('my_photo_1_', 'gradcam_', 'x')
+    """
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)[:limit] or fallback
 
 
 @contextlib.contextmanager
@@ -74,22 +88,14 @@ def write_npz(path: str | os.PathLike, **arrays: np.ndarray) -> Path:
     return Path(path)
 
 
-class JsonlWriter:
-    """Append one JSON object per line; each line is written whole and flushed at once."""
-
-    def __init__(self, path: str | os.PathLike, *, append: bool = False) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._handle = open(self.path, "a" if append else "w", encoding="utf-8")  # noqa: SIM115
-
-    def write(self, record: dict[str, Any]) -> None:
-        self._handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._handle.flush()
+class Closing:
+    """Something that holds a file open until :meth:`close`; as a context manager, it closes
+    itself on leaving the ``with`` block."""
 
     def close(self) -> None:
-        self._handle.close()
+        raise NotImplementedError
 
-    def __enter__(self) -> JsonlWriter:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -1,11 +1,21 @@
 """The Python front end: one function per job, each taking a model spec or a loaded model.
 
 ``explain`` (in memory) and ``run_explain`` (into a folder), ``evaluate``, ``audit``, ``train``.
+Each is loaded on first use, so that importing one job does not import the others.
 """
 
-from camlens.api.auditing import audit
-from camlens.api.evaluating import evaluate
-from camlens.api.explaining import explain, run_explain, save_explanation
-from camlens.api.training import train
+from camlens.lazy import lazy_exports
 
 __all__ = ["audit", "evaluate", "explain", "run_explain", "save_explanation", "train"]
+
+__getattr__, __dir__ = lazy_exports(
+    globals(),
+    {
+        "audit": "camlens.api.auditing",
+        "evaluate": "camlens.api.evaluating",
+        "explain": "camlens.api.explaining",
+        "run_explain": "camlens.api.explaining",
+        "save_explanation": "camlens.api.explaining",
+        "train": "camlens.api.training",
+    },
+)

@@ -26,7 +26,7 @@ from torch import nn
 from camlens.api.explaining import job_folder, job_model
 from camlens.errors import ConfigError
 from camlens.io.annotations import Annotation, load_annotations
-from camlens.methods import get_method, make_method
+from camlens.methods import check_method, make_method
 from camlens.models import Classifier
 from camlens.pipeline import OutputFolder, RunOptions, run
 from camlens.report.audit import write_audit_report
@@ -114,7 +114,7 @@ def audit(
             f"folder; give {options.spell('out_dir', '')}"
         )
     folder = job_folder(out_dir, options) if out_dir is not None else None
-    method = get_method(method).name
+    method = check_method(method, method_options).name
     classifier = job_model(model, options.device)
     labels = list(classifier.labels)
     items = resolve_audit_items(

@@ -14,7 +14,7 @@ from torch import nn
 from camlens.errors import ConfigError
 from camlens.explanation import Explanation
 from camlens.io import collect_inputs, load_image
-from camlens.methods import CAMMethod, make_method
+from camlens.methods import CAMMethod, check_method, make_method
 from camlens.models import Classifier, load_model
 from camlens.pipeline import OutputFolder, RunOptions, RunResult, run
 from camlens.report.gallery import write_gallery
@@ -141,6 +141,7 @@ def run_explain(
     """
     options = options or RunOptions()
     folder = job_folder(out_dir, options)
+    check_method(method, method_options)
     style = (style or Style()).check()
     paths = collect_inputs(inputs)
     if not paths:

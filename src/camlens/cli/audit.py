@@ -4,39 +4,23 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from camlens.api.auditing import audit as audit_job
-from camlens.cli.common import (
-    EXIT_OK,
-    EXIT_SOME_FAILED,
-    EXIT_USAGE,
-    layer_option,
-    load_classifier,
-    method_kwargs,
-    method_options,
-    model_options,
-    out_option,
-    run_options,
-    run_or_exit,
-)
-from camlens.methods import get_method
-from camlens.pipeline import RunOptions
-from camlens.shortcuts.core import AuditSettings, describe_place
-from camlens.shortcuts.data import LABEL_SOURCES
+from camlens.cli.common import ModelChoice, exit_status, job_options, run_options, run_or_exit
+from camlens.defaults import LABEL_SOURCES
+
+if TYPE_CHECKING:
+    from camlens.pipeline import RunOptions
 
 
 @click.command()
 @click.argument("data", type=click.Path(path_type=Path, file_okay=False))
-@out_option(
+@job_options(
     "Output folder (created): audit.json, report.html, figures/, and the stored map pass "
     "(maps.jsonl, maps/) with the run's settings (.camlens/run.json) for --resume."
 )
-@model_options
-@method_options
-@layer_option
 @click.option(
     "--classes",
     multiple=True,
@@ -83,13 +67,9 @@ from camlens.shortcuts.data import LABEL_SOURCES
 def audit(
     data: Path,
     out_dir: Path,
-    model_spec: str,
-    weights: Path | None,
-    labels: Path | None,
-    trust_model: bool,
+    model: ModelChoice,
     method: str,
-    max_channels: int | None,
-    smooth: int,
+    method_options: dict,
     layer: str | None,
     classes: tuple[str, ...],
     annotations: Path | None,
@@ -117,28 +97,29 @@ def audit(
 
     \b
     Example (a data set with a planted shortcut, and a model trained on it):
-      camlens make-dataset shapes shapes --shortcut corner-tag --shortcut-class square
+      camlens make-dataset shapes --out shapes --shortcut corner-tag --shortcut-class square
       camlens train shapes/images --out shapes_model --epochs 8
       camlens audit shapes/images --model shapes_model --annotations shapes/annotations.csv \\
         --out shapes_audit
       (killed? the same command with --resume continues it)
 
-    Exit status: 0 every image was read (flags are findings, not failures), 1 some images
-    could not be read (the rest was audited), 2 usage or configuration error, or no image
-    could be read.
+    Exit status: 0 every image was read (flags are findings, not failures), 1 some (or all)
+    images could not be read (the rest was audited), 2 usage or configuration error.
     """
+    from camlens.api.auditing import audit as audit_job
+    from camlens.methods import get_method
+    from camlens.shortcuts.core import AuditSettings
+
     method_name = run_or_exit(lambda: get_method(method).name)
     names = [name.strip() for item in classes for name in item.split(",") if name.strip()]
     result = run_or_exit(
         lambda: audit_job(
-            lambda: load_classifier(
-                model_spec, options.device, weights=weights, labels=labels, trust_model=trust_model
-            ),
+            lambda: model.load(options.device),
             data,
             out_dir,
             method=method_name,
             layer=layer,
-            method_options=method_kwargs(max_channels, smooth),
+            method_options=method_options,
             classes=names or None,
             annotations=annotations,
             labels_from=labels_from,
@@ -150,19 +131,15 @@ def audit(
     )
     click.echo(terminal_summary(result))
     click.echo(f"-> {out_dir / 'audit.json'}, {out_dir / 'report.html'}")
-    sys.exit(exit_status(result))
-
-
-def exit_status(result: dict[str, Any]) -> int:
-    """0: every image was read; 1: some could not be read; 2: none could be read."""
     if result["n_images"] == 0:
         click.echo("Error: no image could be read; see 'errors' in audit.json", err=True)
-        return EXIT_USAGE
-    return EXIT_SOME_FAILED if result["n_failed"] else EXIT_OK
+    sys.exit(exit_status(result["n_images"], result["n_failed"]))
 
 
 def terminal_summary(result: dict[str, Any]) -> str:
     """Counts, one line per flag, and the plain-language summary."""
+    from camlens.shortcuts.core import describe_place
+
     lines = [
         f"audited {result['n_images']} images of {len(result['classes'])} classes "
         f"({result['n_failed']} unreadable) in {result['seconds']} s"

@@ -4,44 +4,36 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from camlens.api.evaluating import evaluate as run_evaluation
-from camlens.cli.common import (
-    EXIT_OK,
-    EXIT_SOME_FAILED,
-    EXIT_USAGE,
-    layer_option,
-    load_classifier,
-    method_kwargs,
-    method_options,
-    model_options,
-    out_option,
-    run_options,
-    run_or_exit,
-)
+from camlens.cli.common import ModelChoice, exit_status, job_options, run_options, run_or_exit
 from camlens.errors import ConfigError
-from camlens.io.samples import write_samples
-from camlens.metrics.registry import GROUPS
-from camlens.pipeline import OutputFolder, RunOptions
 
-#: ``--method``'s default here: two methods to compare.
-DEFAULT_METHODS = "cam,gradcam"
+if TYPE_CHECKING:
+    from camlens.pipeline import RunOptions
+
+#: The metric groups ``--metrics`` takes (``camlens.metrics.registry.GROUPS``; a test keeps
+#: this list equal to it: the registry is not imported before the command runs).
+METRIC_GROUPS = (
+    "localization", "mask", "faithfulness", "deletion", "insertion", "confidence", "road",
+    "sanity", "all",
+)  # fmt: skip
 
 
-@click.command(context_settings={"default_map": {"method": DEFAULT_METHODS}})
+@click.command()
 @click.argument("annotations", type=click.Path(path_type=Path))
-@out_option(
+@job_options(
     "Output folder (created): metrics.json, report.html, curves/, gallery/, and "
-    "evaluation.jsonl (one record per image; the maps the report shows in parts/)."
+    "evaluation.jsonl (one record per image; the maps the report shows in parts/).",
+    method="cam,gradcam",
+    several=True,
 )
-@model_options
-@method_options
 @click.option(
     "--metrics",
     default=None,
-    help=f"Comma-separated metrics or groups ({', '.join(GROUPS)}). "
+    help=f"Comma-separated metrics or groups ({', '.join(METRIC_GROUPS)}). "
     "Default: localization and faithfulness.",
 )
 @click.option(
@@ -58,7 +50,6 @@ DEFAULT_METHODS = "cam,gradcam"
     help="The annotations refer to camlens' bundled sample photos (chelsea.png, coffee.png, "
     "...): write them to OUT/samples and read the images from there.",
 )
-@layer_option
 @click.option(
     "--steps",
     default=100,
@@ -106,13 +97,9 @@ DEFAULT_METHODS = "cam,gradcam"
 def evaluate(
     annotations: Path,
     out_dir: Path,
-    model_spec: str,
-    weights: Path | None,
-    labels: Path | None,
-    trust_model: bool,
+    model: ModelChoice,
     method: str,
-    max_channels: int | None,
-    smooth: int,
+    method_options: dict,
     metrics: str | None,
     image_root: Path | None,
     samples: bool,
@@ -143,9 +130,13 @@ def evaluate(
       camlens evaluate data/sample_boxes.csv --samples --out eval_out
       camlens evaluate boxes.csv --out eval_out --engine ray --resume
 
-    Exit status: 0 all images evaluated, 1 some images could not be read (listed in
-    metrics.json), 2 usage or configuration error, or no image could be evaluated.
+    Exit status: 0 all images evaluated, 1 some (or all) images could not be read (listed in
+    metrics.json), 2 usage or configuration error.
     """
+
+    from camlens.api.evaluating import evaluate as evaluate_job
+    from camlens.io.samples import write_samples
+    from camlens.pipeline import OutputFolder
 
     def job() -> dict:
         if samples and image_root is not None:
@@ -158,16 +149,14 @@ def evaluate(
             folder.prepare(resume=options.resume, overwrite=options.overwrite)
             write_samples(lambda name: folder.path(f"samples/{name}"))
             root = folder.root / "samples"
-        return run_evaluation(
-            lambda: load_classifier(
-                model_spec, options.device, weights=weights, labels=labels, trust_model=trust_model
-            ),
+        return evaluate_job(
+            lambda: model.load(options.device),
             annotations,
             methods=method,
             metrics=metrics,
             image_root=root,
             layer=layer,
-            method_options=method_kwargs(max_channels, smooth),
+            method_options=method_options,
             steps=steps,
             deletion_baseline=deletion_baseline,
             insertion_baseline=insertion_baseline,
@@ -184,8 +173,7 @@ def evaluate(
     click.echo(f"-> {out_dir / 'metrics.json'}, {out_dir / 'report.html'}")
     if result["n_images"] == 0:
         click.echo("Error: no image could be evaluated; see 'errors' in metrics.json", err=True)
-        sys.exit(EXIT_USAGE)
-    sys.exit(EXIT_SOME_FAILED if result["n_failed"] else EXIT_OK)
+    sys.exit(exit_status(result["n_images"], result["n_failed"]))
 
 
 def _summary_table(result: dict) -> str:

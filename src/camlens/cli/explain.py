@@ -3,41 +3,35 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from camlens.api.explaining import run_explain
 from camlens.cli.common import (
+    ModelChoice,
     finish_run,
-    layer_option,
-    load_classifier,
-    make_style,
-    method_kwargs,
+    job_options,
     method_options,
-    model_options,
     out_option,
     run_options,
     run_or_exit,
     style_options,
 )
-from camlens.io.samples import SAMPLES, write_samples
-from camlens.models import DEFAULT_MODEL
-from camlens.pipeline import OutputFolder, RunOptions, RunResult
-from camlens.targets import Target
+
+if TYPE_CHECKING:
+    from camlens.pipeline import RunOptions, RunResult
+    from camlens.targets import Target
 
 
 @click.command()
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
-@out_option("Output folder (created): overlays/, raw/, results.jsonl, index.html.")
-@model_options
-@method_options
+@job_options("Output folder (created): overlays/, raw/, results.jsonl, index.html.")
 @click.option(
     "--target",
     default="top1",
     show_default=True,
     help="What to explain: top1, top5, topK, a class id or a class name.",
 )
-@layer_option
 @style_options
 @click.option(
     "--threshold",
@@ -50,13 +44,9 @@ from camlens.targets import Target
 def explain(
     inputs: tuple[Path, ...],
     out_dir: Path,
-    model_spec: str,
-    weights: Path | None,
-    labels: Path | None,
-    trust_model: bool,
+    model: ModelChoice,
     method: str,
-    max_channels: int | None,
-    smooth: int,
+    method_options: dict,
     target: str,
     layer: str | None,
     colormap: str,
@@ -72,16 +62,17 @@ def explain(
 
     Exit status: 0 all inputs done, 1 some inputs failed, 2 usage or configuration error.
     """
-    style = run_or_exit(lambda: make_style(colormap, alpha, threshold))
+    from camlens.api.explaining import run_explain
+    from camlens.tasks.explain import Style
+
+    style = run_or_exit(lambda: Style(colormap, alpha, threshold).check())
     result = run_or_exit(
         lambda: run_explain(
-            lambda: load_classifier(
-                model_spec, options.device, weights=weights, labels=labels, trust_model=trust_model
-            ),
+            lambda: model.load(options.device),
             list(inputs),
             out_dir,
             method=method,
-            method_options=method_kwargs(max_channels, smooth),
+            method_options=method_options,
             target=parse_target(target),
             layer=layer,
             style=style,
@@ -99,8 +90,7 @@ def explain(
 def demo(
     out_dir: Path,
     method: str,
-    max_channels: int | None,
-    smooth: int,
+    method_options: dict,
     colormap: str,
     alpha: float,
     options: RunOptions,
@@ -112,12 +102,17 @@ def demo(
     photos themselves (samples/). The folder rules are those of explain: a non-empty --out
     needs --overwrite (which removes only what camlens wrote there) or --resume.
     """
-    style = run_or_exit(lambda: make_style(colormap, alpha, 0.2))
+    from camlens.api.explaining import run_explain
+    from camlens.io.samples import SAMPLES, write_samples
+    from camlens.pipeline import OutputFolder
+    from camlens.tasks.explain import Style
+
+    style = run_or_exit(lambda: Style(colormap, alpha, 0.2).check())
 
     def job() -> RunResult:
         folder = OutputFolder(out_dir, spell=options.spell)
         folder.check(resume=options.resume, overwrite=options.overwrite)
-        classifier = load_classifier(DEFAULT_MODEL, options.device)
+        classifier = ModelChoice().load(options.device)
         folder.prepare(resume=options.resume, overwrite=options.overwrite)
         samples = write_samples(lambda name: folder.path(f"samples/{name}"))
         return run_explain(
@@ -125,7 +120,7 @@ def demo(
             samples,
             folder,
             method=method,
-            method_options=method_kwargs(max_channels, smooth),
+            method_options=method_options,
             target="top5",
             style=style,
             figures=True,

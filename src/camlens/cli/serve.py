@@ -10,16 +10,19 @@ import click
 
 from camlens.cli.common import (
     EXIT_USAGE,
+    MAX_CHANNELS_HELP,
     METHOD_HELP,
+    SMOOTH_HELP,
+    ModelChoice,
+    ModelFiles,
     deprecated_option,
     device_option,
     layer_option,
-    load_classifier,
     model_file_options,
     run_or_exit,
 )
+from camlens.defaults import DEFAULT_MODEL
 from camlens.errors import ConfigError
-from camlens.models import DEFAULT_MODEL
 
 
 @click.command()
@@ -84,8 +87,7 @@ from camlens.models import DEFAULT_MODEL
     default=64,
     show_default=True,
     type=click.IntRange(min=0),
-    help="scorecam/ablationcam: use only the N most active channels (0: all; minutes per "
-    "image on a CPU).",
+    help=MAX_CHANNELS_HELP + " 0: all (minutes per image on a CPU).",
 )
 @deprecated_option(
     "--perturbation-channels", "--max-channels", "max_channels", type=click.IntRange(min=0)
@@ -95,7 +97,7 @@ from camlens.models import DEFAULT_MODEL
     default=0,
     show_default=True,
     type=click.IntRange(min=0),
-    help="Gradient methods: average over this many noisy copies (SmoothGrad); 0 = off.",
+    help=SMOOTH_HELP,
 )
 @device_option
 def serve(
@@ -106,9 +108,7 @@ def serve(
     max_upload_mb: float,
     max_queue: int,
     threads: int,
-    weights: Path | None,
-    labels: Path | None,
-    trust_model: bool,
+    model_files: ModelFiles,
     method: str,
     layer: str | None,
     max_channels: int,
@@ -144,20 +144,14 @@ def serve(
     }
 
     def build():
-        offered: list = list(models)
-        if weights is not None or labels is not None or trust_model:
-            if len(models) != 1:
-                raise ConfigError(
-                    "--weights, --labels and --trust-model apply to one model: give exactly "
-                    "one --model (offer trained folders with --models-dir)"
-                )
-            offered = [
-                load_classifier(
-                    models[0], device, weights=weights, labels=labels, trust_model=trust_model
-                )
-            ]
-        elif models or device != "cpu":
-            offered = [load_classifier(spec, device) for spec in models or [DEFAULT_MODEL]]
+        if model_files.given and len(models) != 1:
+            raise ConfigError(
+                "--weights, --labels and --trust-model apply to one model: give exactly one "
+                "--model (offer trained folders with --models-dir)"
+            )
+        offered = [
+            ModelChoice(spec, model_files).load(device) for spec in models or [DEFAULT_MODEL]
+        ]
         return _build(create_app, offered, settings)
 
     app = run_or_exit(build)

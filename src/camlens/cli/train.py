@@ -9,20 +9,13 @@ from pathlib import Path
 
 import click
 
-from camlens.cli.common import device_option, run_or_exit
-from camlens.data.shapes import DEFAULT_CLASSES, POSITIONS, SHAPES, SHORTCUTS, ShapesConfig
-from camlens.training import TrainConfig
+from camlens.cli.common import device_option, out_option, run_or_exit
+from camlens.data.catalog import DEFAULT_CLASSES, POSITIONS, SHAPES, SHORTCUTS
 
 
 @click.command()
 @click.argument("data", type=click.Path(path_type=Path))
-@click.option(
-    "--out",
-    "out_dir",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="Model folder to write (model.safetensors, config.json, metrics.json...).",
-)
+@out_option("Model folder to write (model.safetensors, config.json, metrics.json...).")
 @click.option(
     "--backbone",
     default="simple",
@@ -112,7 +105,7 @@ def train(
     parameters and data) or --overwrite (removes only what camlens wrote there); nothing is
     created before the data set is checked. Exit status: 0 done, 2 usage or data-set error.
     """
-    from camlens.training import train_classifier
+    from camlens.training import TrainConfig, train_classifier
 
     config = TrainConfig(
         backbone=backbone,
@@ -254,7 +247,7 @@ def make_dataset(
     so no image of an older data set is mixed into the new one). Exit status: 0 done, 2 usage
     or configuration error.
     """
-    from camlens.data.shapes import make_shapes_dataset
+    from camlens.data.shapes import ShapesConfig, make_shapes_dataset
 
     if out is not None:
         click.echo(OUT_ARGUMENT_DEPRECATED, err=True)

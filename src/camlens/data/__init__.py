@@ -1,8 +1,19 @@
 """Generated data sets with ground truth (``camlens make-dataset``).
 
+``catalog`` lists what can be drawn (light: the command line reads it); ``shapes`` draws it.
 Reading ImageFolder layouts lives in ``camlens.io.imagefolder``.
 """
 
-from camlens.data.shapes import SHAPES, SHORTCUTS, ShapesConfig, make_shapes_dataset
+from camlens.lazy import lazy_exports
 
 __all__ = ["SHAPES", "SHORTCUTS", "ShapesConfig", "make_shapes_dataset"]
+
+__getattr__, __dir__ = lazy_exports(
+    globals(),
+    {
+        "SHAPES": "camlens.data.catalog",
+        "SHORTCUTS": "camlens.data.catalog",
+        "ShapesConfig": "camlens.data.shapes",
+        "make_shapes_dataset": "camlens.data.shapes",
+    },
+)

@@ -46,14 +46,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from camlens.data.catalog import DEFAULT_CLASSES, POSITIONS, SHAPES, SHORTCUTS
 from camlens.errors import ConfigError
+from camlens.io.annotations import mask_box
 from camlens.pipeline import OutputFolder, spelling
 from camlens.writers import write_json, write_png, write_text
 
-SHAPES = ("circle", "square", "triangle", "star", "cross")
-DEFAULT_CLASSES = ("circle", "square", "triangle")
-SHORTCUTS = ("corner-tag", "stripe", "token")
-POSITIONS = ("top-left", "top-right", "bottom-left", "bottom-right", "random-corner")
 CORNERS = POSITIONS[:4]
 
 #: The task name a generated data set records in its output folder's settings.
@@ -266,7 +264,7 @@ def render_shape_image(config: ShapesConfig, index: int, label: str, shortcut: b
     image = image + rng.normal(0.0, config.noise, image.shape)
     pixels = np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
     mask = alpha >= 0.5
-    box = _mask_box(mask)
+    box = mask_box(mask)  # never None: the shape covers pixels
     shortcut_box = None
     if shortcut and config.shortcut is not None:
         shortcut_box = _draw_shortcut(pixels, config, rng, box)
@@ -490,11 +488,6 @@ def _circle_meets_box(cx: float, cy: float, radius: float, box: Box) -> bool:
     x0, y0, x1, y1 = box
     nearest_x, nearest_y = min(max(cx, x0), x1), min(max(cy, y0), y1)
     return math.hypot(cx - nearest_x, cy - nearest_y) < radius + 1.0
-
-
-def _mask_box(mask: np.ndarray) -> Box:
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    return (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
 
 
 def _draw_shortcut(

@@ -1,19 +1,9 @@
-"""Reading inputs: images from paths, folders and PIL objects (see :mod:`camlens.io.images`)."""
+"""Reading inputs: images from paths, folders and PIL objects (see :mod:`camlens.io.images`).
 
-from camlens.io.images import (
-    DEFAULT_MAX_PIXELS,
-    IMAGE_EXTENSIONS,
-    ImageLoadError,
-    collect_inputs,
-    load_image,
-    to_rgb,
-)
+The package's names are those of :mod:`camlens.io.images`, listed once, in its ``__all__``.
+"""
 
-__all__ = [
-    "DEFAULT_MAX_PIXELS",
-    "IMAGE_EXTENSIONS",
-    "ImageLoadError",
-    "collect_inputs",
-    "load_image",
-    "to_rgb",
-]
+from camlens.io import images
+from camlens.io.images import *  # noqa: F403
+
+__all__ = images.__all__

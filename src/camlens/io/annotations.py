@@ -55,6 +55,7 @@ __all__ = [
     "BoxF",
     "decode_coco_rle",
     "load_annotations",
+    "mask_box",
     "read_coco",
     "read_csv",
     "read_mask_folder",
@@ -619,12 +620,27 @@ def _read_mask(file: Path) -> np.ndarray:
     return values.any(axis=-1) if values.ndim == 3 else values > 0
 
 
-def _mask_box(mask: np.ndarray, where: str) -> BoxF:
+def mask_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    """The bounding box ``(x0, y0, x1, y1)`` of the nonzero pixels of a (H, W) mask, in
+    pixel-edge coordinates (``x1``, ``y1`` exclusive); ``None`` for an empty mask.
+
+    Example:
+        >>> m = np.zeros((4, 5), dtype=bool); m[1:3, 2:4] = True
+        >>> mask_box(m), mask_box(np.zeros((2, 2)))
+        ((2, 1, 4, 3), None)
+    """
     rows = np.flatnonzero(mask.any(axis=1))
     cols = np.flatnonzero(mask.any(axis=0))
     if rows.size == 0:
+        return None
+    return (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
+
+
+def _mask_box(mask: np.ndarray, where: str) -> BoxF:
+    box = mask_box(mask)
+    if box is None:
         raise ConfigError(f"{where}: the mask is empty (no object pixel)")
-    return (float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1))
+    return (float(box[0]), float(box[1]), float(box[2]), float(box[3]))
 
 
 # --- shared checks ---------------------------------------------------------------------------

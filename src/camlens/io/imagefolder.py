@@ -19,11 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from camlens.errors import ConfigError
-from camlens.io import ImageLoadError, collect_inputs, load_image
+from camlens.io import ImageLoadError, collect_inputs, load_image, resized_pixels
 
 
 @dataclass(frozen=True)
@@ -135,8 +134,7 @@ def load_images(
         except ImageLoadError as error:
             skipped.append((Path(path), error.message))
             continue
-        # The same resize as Classifier.preprocess.
-        arrays.append(np.asarray(image.resize((width, height), Image.BILINEAR), dtype=np.uint8))
+        arrays.append(resized_pixels(image, size))  # as Classifier.preprocess resizes
         kept_targets.append(target)
         kept_paths.append(Path(path))
     images = (

@@ -27,6 +27,7 @@ __all__ = [
     "ImageLoadError",
     "collect_inputs",
     "load_image",
+    "resized_pixels",
     "to_rgb",
 ]
 
@@ -208,6 +209,19 @@ def load_image(
             raise ImageLoadError(f"cannot read {name}: the file does not exist", path) from error
         except (OSError, SyntaxError, ValueError, EOFError) as error:
             raise _decode_error(error, path, name) from error
+
+
+def resized_pixels(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """The pixels a model sees: the whole image (no crop) resized to ``size`` = (height,
+    width), bilinear, as an (H, W, 3) uint8 array (``Classifier.preprocess`` and the training
+    data of ``camlens.io.imagefolder`` both make them so).
+
+    Example:
+        >>> resized_pixels(Image.new("RGB", (640, 480)), (224, 224)).shape
+        (224, 224, 3)
+    """
+    height, width = size
+    return np.asarray(image.resize((width, height), Image.BILINEAR), dtype=np.uint8)
 
 
 def collect_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:

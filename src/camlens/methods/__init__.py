@@ -18,9 +18,9 @@ from camlens.methods.projection import EigenCAM
 from camlens.methods.registry import (
     ALIASES,
     METHODS,
+    check_method,
     get_method,
     make_method,
-    make_methods,
     options_for,
 )
 
@@ -41,9 +41,9 @@ __all__ = [
     "ScoreCAM",
     "Step",
     "XGradCAM",
+    "check_method",
     "fuse_maps",
     "get_method",
     "make_method",
-    "make_methods",
     "options_for",
 ]

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from camlens.batching import chunks
 from camlens.errors import ConfigError
 from camlens.hooks import ForwardHook, get_layer
 from camlens.methods.base import CAMMethod, LayerSpec, Step
@@ -60,11 +61,6 @@ class PerturbationMethod(CAMMethod):
         images = torch.arange(n, device=activation.device)[:, None].expand_as(channels)
         return images.reshape(-1), channels.reshape(-1)
 
-    def chunks(self, count: int) -> Iterator[slice]:
-        """Consecutive slices of at most ``batch_size`` items covering ``range(count)``."""
-        for start in range(0, count, self.batch_size):
-            yield slice(start, min(start + self.batch_size, count))
-
     def input_buffer(self, x: torch.Tensor, pairs: int) -> torch.Tensor:
         """One reusable (min(batch_size, pairs), C, H, W) buffer for perturbed inputs."""
         return x.new_empty((max(1, min(self.batch_size, pairs)), *x.shape[1:]))
@@ -78,7 +74,7 @@ class PerturbationMethod(CAMMethod):
         chunk (``input_buffer``): the caller may perturb it in place before ``scores``.
         """
         buffer = self.input_buffer(x, len(images))
-        for part in self.chunks(len(images)):
+        for part in chunks(range(len(images)), self.batch_size):
             image = images[part]
             yield image, channels[part], torch.index_select(x, 0, image, out=buffer[: len(image)])
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 from camlens.errors import ConfigError
@@ -56,19 +56,36 @@ def make_method(
     ``options`` are keyword arguments of the method's class (``max_channels``, ``batch_size``,
     ``smooth``, ``seed``...); an option the method does not take is a ``ConfigError``.
     """
+    cls = check_method(method, options)
+    return cls(
+        classifier.module,
+        layer=layer or classifier.layer,
+        output=classifier.output,
+        labels=classifier.labels,
+        **options,
+    )
+
+
+def check_method(method: str, options: Mapping[str, Any] | None = None) -> type[CAMMethod]:
+    """The class of method ``method``, after checking that it takes every option in
+    ``options`` (before any model is loaded).
+
+    Raises:
+        ConfigError: an unknown method, or an option it does not take.
+
+    Example:
+        >>> check_method("cam", {"max_channels": 8})
+        Traceback (most recent call last):
+        camlens.errors.ConfigError: method 'cam' does not take the option(s) max_channels ...
+    """
     cls = get_method(method)
-    try:
-        return cls(
-            classifier.module,
-            layer=layer or classifier.layer,
-            output=classifier.output,
-            labels=classifier.labels,
-            **options,
-        )
-    except TypeError as error:
+    refused = sorted(set(options or {}) - set(options_for(cls, options or {})))
+    if refused:
         raise ConfigError(
-            f"method {cls.name!r} does not take the option(s) {', '.join(options)} ({error})"
-        ) from error
+            f"method {cls.name!r} does not take the option(s) {', '.join(refused)} (smooth: "
+            "gradient methods; max_channels and batch_size: scorecam, ablationcam)"
+        )
+    return cls
 
 
 def options_for(method: str | type[CAMMethod], options: Mapping[str, Any]) -> dict[str, Any]:
@@ -96,37 +113,3 @@ def options_for(method: str | type[CAMMethod], options: Mapping[str, Any]) -> di
     if not cls.needs_gradients:
         accepted -= {"smooth", "smooth_sigma"}
     return {key: value for key, value in options.items() if key in accepted}
-
-
-def make_methods(
-    classifier: Classifier,
-    methods: Sequence[str | CAMMethod] | str,
-    layer: str | None = None,
-    options: Mapping[str, Any] | None = None,
-) -> list[CAMMethod]:
-    """Method instances for ``methods`` (names, instances, a comma-separated string or
-    ``"all"``), one per distinct method, in order; each gets the ``options`` it takes
-    (:func:`options_for`).
-
-    Example:
-        >>> [m.name for m in make_methods(model, "cam, gradcam,cam")]
-        ['cam', 'gradcam']
-    """
-    items = methods.split(",") if isinstance(methods, str) else list(methods)
-    items = [n.strip() if isinstance(n, str) else n for n in items]
-    items = [n for n in items if not isinstance(n, str) or n]
-    if items == ["all"]:
-        items = list(METHODS)
-    if not items:
-        raise ConfigError("no method selected")
-    instances: dict[str, CAMMethod] = {}
-    for item in items:
-        if isinstance(item, CAMMethod):
-            instances.setdefault(item.name, item)
-            continue
-        name = get_method(item).name
-        if name not in instances:
-            instances[name] = make_method(
-                classifier, name, layer, **options_for(name, options or {})
-            )
-    return list(instances.values())

@@ -21,7 +21,7 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ from scipy import sparse
 from scipy.sparse.linalg import spsolve
 from torch import nn
 
+from camlens.batching import chunks
 from camlens.errors import ConfigError
 from camlens.hooks import preserved_state
 from camlens.models import Classifier
@@ -108,15 +109,25 @@ def scorer(
 
 
 def gaussian_blur(x: torch.Tensor, kernel_size: int = 11, sigma: float = 5.0) -> torch.Tensor:
-    """Blur each channel with a Gaussian (RISE's insertion baseline: 11 x 11, sigma 5)."""
+    """Blur each channel of the (N, C, H, W) batch ``x`` with a Gaussian of ``kernel_size``
+    taps (the defaults: RISE's insertion baseline, 11 x 11, sigma 5), one axis after the
+    other. The borders are reflected, or replicated where the kernel's radius reaches the
+    image's height or width (reflecting needs a margin smaller than the image).
+
+    Example:
+        >>> gaussian_blur(torch.ones(1, 1, 4, 4), kernel_size=3, sigma=1.0).shape
+        torch.Size([1, 1, 4, 4])
+    """
     radius = kernel_size // 2
     t = torch.arange(kernel_size, dtype=torch.float32, device=x.device) - radius
-    g = torch.exp(-(t**2) / (2 * sigma**2))
+    g = torch.exp(-0.5 * (t / sigma) ** 2)
     g = (g / g.sum()).to(x.dtype)
     channels = x.shape[1]
-    padded = F.pad(x, (radius, radius, radius, radius), mode="reflect")
-    rows = F.conv2d(padded, g.view(1, 1, 1, -1).repeat(channels, 1, 1, 1), groups=channels)
-    return F.conv2d(rows, g.view(1, 1, -1, 1).repeat(channels, 1, 1, 1), groups=channels)
+    mode = "reflect" if radius < min(x.shape[-2:]) else "replicate"
+    rows = F.pad(x, (radius, radius, 0, 0), mode=mode)
+    rows = F.conv2d(rows, g.view(1, 1, 1, -1).repeat(channels, 1, 1, 1), groups=channels)
+    columns = F.pad(rows, (0, 0, radius, radius), mode=mode)
+    return F.conv2d(columns, g.view(1, 1, -1, 1).repeat(channels, 1, 1, 1), groups=channels)
 
 
 def perturbation_baseline(x: torch.Tensor, baseline: Baseline = "zero") -> torch.Tensor:
@@ -232,7 +243,7 @@ def _perturbation_curve(
     counts = torch.round(torch.arange(steps + 1, dtype=torch.float64) * n_pixels / steps).long()
     pairs = [(i, k) for i in range(x.shape[0]) for k in range(steps + 1)]
     scores = np.zeros((x.shape[0], steps + 1))
-    for chunk in _chunks(pairs, batch_size):
+    for chunk in chunks(pairs, batch_size):
         images = torch.tensor([i for i, _ in chunk])
         removed = ranks[images] < counts[[k for _, k in chunk]].view(-1, 1).to(ranks.device)
         removed = removed.view(len(chunk), 1, *x.shape[-2:])
@@ -266,7 +277,7 @@ def masked_scores(
     targets = _as_targets(targets, x.shape[0])
     weights = _fit_saliency(saliency, x).clamp(0, 1).unsqueeze(1).to(x.dtype)
     full, masked = [], []
-    for chunk in _chunks(list(range(x.shape[0])), batch_size):
+    for chunk in chunks(range(x.shape[0]), batch_size):
         index = torch.tensor(chunk)
         full.append(score_fn(x[index], targets[index]))
         masked.append(score_fn(x[index] * weights[index], targets[index]))
@@ -412,7 +423,7 @@ def road_scores(
     n_pixels = ranks.shape[1]
     jobs = [(i, j) for i in range(x.shape[0]) for j in range(len(fractions))]
     result = np.zeros((x.shape[0], len(fractions)))
-    for chunk in _chunks(jobs, batch_size):
+    for chunk in chunks(jobs, batch_size):
         imputed = []
         for i, j in chunk:
             count = round(fractions[j] * n_pixels)
@@ -460,10 +471,3 @@ def _as_targets(targets: torch.Tensor | Sequence[int], n: int) -> torch.Tensor:
     if ids.numel() != n:
         raise ConfigError(f"need one target class per image ({n}), got {ids.numel()}")
     return ids
-
-
-def _chunks(items: list, size: int) -> Iterator[list]:
-    if size < 1:
-        raise ConfigError(f"batch_size must be at least 1, got {size}")
-    for start in range(0, len(items), size):
-        yield items[start : start + size]

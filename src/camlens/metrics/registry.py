@@ -33,8 +33,8 @@ maps at the input size (:class:`BatchView`, one row per image).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from functools import cached_property
+from dataclasses import dataclass, field, replace
+from functools import cached_property, partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -105,10 +105,6 @@ class MetricSettings:
     road_fractions: tuple[float, ...] = faith.ROAD_FRACTIONS
     seed: int = 0
 
-    def wants(self, *names: str) -> bool:
-        """Whether any of the metrics ``names`` was chosen."""
-        return any(name in self.metrics for name in names)
-
     @property
     def measurements(self) -> list[str]:
         """The measurements to take: those every run takes, and those the chosen metrics
@@ -134,43 +130,33 @@ class MetricSettings:
         }
 
 
-def make_settings(
-    metrics: Sequence[str] | str | None = None,
-    *,
-    batch_size: int = 16,
-    steps: int = 100,
-    deletion_baseline: str = "zero",
-    insertion_baseline: str = "blur",
-    score: str = "prob",
-    tolerance: float = 15.0,
-    threshold: float = 0.2,
-    thresholds: Sequence[float] = loc.DEFAULT_THRESHOLDS,
-    road_fractions: Sequence[float] = faith.ROAD_FRACTIONS,
-    seed: int = 0,
-) -> MetricSettings:
-    """Checked :class:`MetricSettings` (a bad metric, baseline or score is a ``ConfigError``).
+def make_settings(metrics: Sequence[str] | str | None = None, **values: Any) -> MetricSettings:
+    """Checked :class:`MetricSettings`: the chosen ``metrics`` (:func:`resolve_metrics`) and
+    any other of its fields in ``values``; a field not given keeps the default of
+    :class:`MetricSettings`. A bad metric, baseline, score or count is a ``ConfigError``.
 
     Example:
         >>> make_settings("maxboxacc,deletion", steps=10).measurements
         ['localization', 'top1', 'deletion']
     """
-    for name, value in (("deletion", deletion_baseline), ("insertion", insertion_baseline)):
+    given = MetricSettings(metrics=[], **values)
+    for name, value in (
+        ("deletion", given.deletion_baseline),
+        ("insertion", given.insertion_baseline),
+    ):
         if value not in ("zero", "blur"):
             raise ConfigError(f"{name}_baseline must be 'zero' or 'blur', got {value!r}")
-    if score not in ("prob", "logit"):
-        raise ConfigError(f"score must be 'prob' or 'logit', got {score!r}")
-    return MetricSettings(
+    if given.score not in ("prob", "logit"):
+        raise ConfigError(f"score must be 'prob' or 'logit', got {given.score!r}")
+    return replace(
+        given,
         metrics=resolve_metrics(metrics),
-        batch_size=_positive(batch_size, "batch_size"),
-        steps=_positive(steps, "steps"),
-        deletion_baseline=deletion_baseline,
-        insertion_baseline=insertion_baseline,
-        score=score,
-        tolerance=float(tolerance),
-        threshold=float(threshold),
-        thresholds=np.asarray(thresholds, dtype=np.float64),
-        road_fractions=tuple(float(f) for f in road_fractions),
-        seed=seed,
+        batch_size=_positive(given.batch_size, "batch_size"),
+        steps=_positive(given.steps, "steps"),
+        tolerance=float(given.tolerance),
+        threshold=float(given.threshold),
+        thresholds=np.asarray(given.thresholds, dtype=np.float64),
+        road_fractions=tuple(float(f) for f in given.road_fractions),
     )
 
 
@@ -310,24 +296,18 @@ def _perturbation_options(settings: MetricSettings) -> dict[str, Any]:
     return {"batch_size": settings.batch_size, "score": settings.score}
 
 
-def measure_deletion(batch: BatchView) -> dict[str, np.ndarray]:
-    """``deletion``: the class score while the most salient pixels are removed."""
+def measure_curve(batch: BatchView, kind: str) -> dict[str, np.ndarray]:
+    """``deletion`` or ``insertion`` (``kind``): the class score while the most salient
+    pixels are removed, or put back."""
     s = batch.settings
-    curve = faith.deletion_curve(
-        batch.classifier, batch.x, batch.maps, batch.top1, steps=s.steps,
-        baseline=s.deletion_baseline, **_perturbation_options(s),
-    )  # fmt: skip
-    return {"deletion": curve}
-
-
-def measure_insertion(batch: BatchView) -> dict[str, np.ndarray]:
-    """``insertion``: the class score while the most salient pixels are put back."""
-    s = batch.settings
-    curve = faith.insertion_curve(
-        batch.classifier, batch.x, batch.maps, batch.top1, steps=s.steps,
-        baseline=s.insertion_baseline, **_perturbation_options(s),
-    )  # fmt: skip
-    return {"insertion": curve}
+    curve = faith.deletion_curve if kind == "deletion" else faith.insertion_curve
+    baseline = s.deletion_baseline if kind == "deletion" else s.insertion_baseline
+    return {
+        kind: curve(
+            batch.classifier, batch.x, batch.maps, batch.top1, steps=s.steps,
+            baseline=baseline, **_perturbation_options(s),
+        )
+    }  # fmt: skip
 
 
 def measure_confidence(batch: BatchView) -> dict[str, np.ndarray]:
@@ -376,8 +356,8 @@ MEASUREMENTS: dict[str, Measurement] = {
         Measurement("ious_all", "instance", measure_ious_all),
         Measurement("top1", "image", measure_top1),
         Measurement("pixels", "image", measure_pixels),
-        Measurement("deletion", "batch", measure_deletion),
-        Measurement("insertion", "batch", measure_insertion),
+        Measurement("deletion", "batch", partial(measure_curve, kind="deletion")),
+        Measurement("insertion", "batch", partial(measure_curve, kind="insertion")),
         Measurement("confidence", "batch", measure_confidence),
         Measurement("road", "batch", measure_road),
     )
@@ -555,52 +535,60 @@ class CurveArea(Fold):
         return {self.key: _floats(self.total / len(self.areas))}
 
 
-class ScorePair(Fold):
+class PerImage(Fold):
+    """Keeps every image's values of ``keys`` (a number or a short row each)."""
+
+    def __init__(self, *keys: str) -> None:
+        self.kept: dict[str, list[Any]] = {key: [] for key in keys}
+
+    def add(self, values: dict[str, Any]) -> None:
+        for key, kept in self.kept.items():
+            kept.append(values[key])
+
+    @property
+    def n_images(self) -> int:
+        """The images kept so far."""
+        return len(next(iter(self.kept.values())))
+
+    def array(self, key: str) -> np.ndarray:
+        """The values of ``key`` of every image, one row per image."""
+        return np.asarray(self.kept[key])
+
+
+class ScorePair(PerImage):
     """A statistic of the per-image ``full`` and ``masked`` scores (Average Drop...)."""
 
     def __init__(self, statistic: Callable[[np.ndarray, np.ndarray], float]) -> None:
+        super().__init__("full", "masked")
         self.statistic = statistic
-        self.full: list[float] = []
-        self.masked: list[float] = []
-
-    def add(self, values: dict[str, Any]) -> None:
-        self.full.append(values["full"])
-        self.masked.append(values["masked"])
 
     def value(self) -> float | None:
-        if not self.full:
-            return None
-        return self.statistic(np.asarray(self.full), np.asarray(self.masked))
+        return self.statistic(self.array("full"), self.array("masked")) if self.n_images else None
 
 
-class Road(Fold):
+class Road(PerImage):
     """ROAD's mean MoRF or LeRF score, or their combination (LeRF - MoRF) / 2, and the mean
     score per removed fraction."""
 
     def __init__(self, fractions: Sequence[float], which: str) -> None:
+        super().__init__("road_morf", "road_lerf")
         self.fractions = list(fractions)
         self.which = which
-        self.morf: list[list[float]] = []
-        self.lerf: list[list[float]] = []
-
-    def add(self, values: dict[str, Any]) -> None:
-        self.morf.append(values["road_morf"])
-        self.lerf.append(values["road_lerf"])
 
     def value(self) -> float | None:
-        if not self.morf:
+        if not self.n_images:
             return None
-        morf, lerf = np.asarray(self.morf).mean(), np.asarray(self.lerf).mean()
+        morf, lerf = self.array("road_morf").mean(), self.array("road_lerf").mean()
         return float({"morf": morf, "lerf": lerf, "combined": (lerf - morf) / 2}[self.which])
 
     def curves(self) -> dict[str, Any]:
-        if not self.morf:
+        if not self.n_images:
             return {}
         return {
             "road": {
                 "fractions": self.fractions,
-                "morf": _floats(np.asarray(self.morf).mean(axis=0)),
-                "lerf": _floats(np.asarray(self.lerf).mean(axis=0)),
+                "morf": _floats(self.array("road_morf").mean(axis=0)),
+                "lerf": _floats(self.array("road_lerf").mean(axis=0)),
             }
         }
 

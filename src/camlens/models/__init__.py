@@ -2,12 +2,7 @@
 
 from camlens.models.classifier import IMAGENET_MEAN, IMAGENET_STD, Classifier
 from camlens.models.efficientnet_lite import imagenet_labels
-from camlens.models.registry import (
-    DEFAULT_MODEL,
-    available_models,
-    load_model,
-    register_model,
-)
+from camlens.models.registry import DEFAULT_MODEL, available_models, load_model
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -17,5 +12,4 @@ __all__ = [
     "available_models",
     "imagenet_labels",
     "load_model",
-    "register_model",
 ]

@@ -2,8 +2,8 @@
 
 The one place that knows how to build every named architecture:
 
-* built-in names (``efficientnet_lite0``, and those added with ``register_model``): with
-  their pretrained weights and class names, or (``efficientnet_lite0``) randomly initialised;
+* built-in names (``efficientnet_lite0``): with their pretrained weights and class names, or
+  randomly initialised;
 * ``"torchvision:<name>"`` and ``"timm:<name>"``: always randomly initialised, since nothing
   is downloaded at run time.
 
@@ -15,8 +15,10 @@ refusing random ones are the users' business, not this module's.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from functools import partial
+from types import ModuleType
 
 from torch import nn
 
@@ -25,7 +27,7 @@ from camlens.models.checkpoints import count_classes, replace_output_layer
 from camlens.models.classifier import IMAGENET_MEAN, IMAGENET_STD, Classifier
 from camlens.models.efficientnet_lite import efficientnet_lite0
 
-#: Built-in names -> builders of the pretrained ``Classifier`` (``register_model`` adds more).
+#: Built-in names -> builders of the pretrained ``Classifier``.
 BUILTIN_MODELS: dict[str, Callable[[], Classifier]] = {"efficientnet_lite0": efficientnet_lite0}
 
 # Built-in builders -> the same network without its weights (cheaper when they get replaced).
@@ -147,13 +149,18 @@ def build_architecture(
     )
 
 
-def _torchvision_builder(name: str) -> Callable[..., nn.Module]:
+def _vision_library(library: str) -> ModuleType:
+    """``torchvision`` or ``timm``, imported when an architecture of it is asked for."""
     try:
-        import torchvision
+        return importlib.import_module(library)
     except ImportError as error:
         raise ConfigError(
-            "torchvision models need the 'vision' extra: pip install 'camlens[vision]'"
+            f"{library} models need the 'vision' extra: pip install 'camlens[vision]'"
         ) from error
+
+
+def _torchvision_builder(name: str) -> Callable[..., nn.Module]:
+    torchvision = _vision_library("torchvision")
     try:
         torchvision.models.get_model_builder(name)
     except ValueError as error:
@@ -172,12 +179,7 @@ def _torchvision_builder(name: str) -> Callable[..., nn.Module]:
 
 
 def _timm_builder(name: str) -> Callable[..., nn.Module]:
-    try:
-        import timm
-    except ImportError as error:
-        raise ConfigError(
-            "timm models need the 'vision' extra: pip install 'camlens[vision]'"
-        ) from error
+    timm = _vision_library("timm")
     if not timm.is_model(name):
         raise ConfigError(f"timm has no model {name!r} (timm.list_models() lists them)")
 

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from camlens.io import load_image
+from camlens.io import load_image, resized_pixels
 from camlens.models.outputs import OutputSpec
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -68,12 +68,13 @@ class Classifier:
         """
         if isinstance(images, (str, os.PathLike, Image.Image)):
             images = [images]
-        height, width = self.input_size
-        arrays = [
-            np.asarray(load_image(img).resize((width, height), Image.BILINEAR), dtype=np.uint8)
-            for img in images
-        ]
-        batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255.0)
+        arrays = [resized_pixels(load_image(img), self.input_size) for img in images]
+        return self.normalize(torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2))
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 images (N, 3, H, W) at the input size -> the model's input on its device:
+        scaled to [0, 1] and normalised with ``(x - mean) / std``."""
+        batch = pixels.float() / 255.0
         mean = torch.tensor(self.mean).view(1, -1, 1, 1)
         std = torch.tensor(self.std).view(1, -1, 1, 1)
         batch = (batch - mean) / std

@@ -9,12 +9,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from camlens.defaults import DEFAULT_MODEL
 from camlens.errors import ConfigError
 from camlens.models import trained
 from camlens.models.architectures import (
-    BUILTIN_MODELS,
     architecture_names,
     build_architecture,
+    is_builtin,
     is_library_architecture,
     library_classifier,
     module_builder,
@@ -33,22 +34,8 @@ from camlens.models.devices import check_device
 from camlens.models.labels import check_label_count, read_labels
 from camlens.models.outputs import OutputSpec
 
-DEFAULT_MODEL = "efficientnet_lite0"
-
-_REGISTRY = BUILTIN_MODELS  # built-in names -> builders; register_model adds to it
-
 Spec = str | os.PathLike | nn.Module | Classifier
 Labels = Sequence[str] | str | os.PathLike
-
-
-def register_model(name: str) -> Callable[[Callable[[], Classifier]], Callable[[], Classifier]]:
-    """Decorator: make ``load_model(name)`` call the decorated builder."""
-
-    def decorate(builder: Callable[[], Classifier]) -> Callable[[], Classifier]:
-        _REGISTRY[name] = builder
-        return builder
-
-    return decorate
 
 
 def available_models() -> list[str]:
@@ -163,7 +150,7 @@ def _build(
 def _is_saved_model(spec: str | os.PathLike) -> bool:
     """A file or folder, unless the text names a registry model or a torchvision/timm one."""
     text = str(spec).strip()
-    if text in _REGISTRY or is_library_architecture(text):
+    if is_builtin(text) or is_library_architecture(text):
         return False
     path = Path(spec).expanduser()
     return path.is_dir() or path.is_file()
@@ -190,7 +177,7 @@ def _from_name(
 ) -> Classifier:
     if is_library_architecture(text):
         return _library(text, state, num_classes, random_weights)
-    if text in _REGISTRY:
+    if is_builtin(text):
         return _builtin(text, state, num_classes, random_weights)
     raise ConfigError(
         f"unknown model {text!r}: not a built-in name, not torchvision:<name> or "

@@ -22,11 +22,11 @@ import os
 import pickle
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from itertools import islice
 from typing import Any, TypeVar
 
 import numpy as np
 
+from camlens.batching import chunks
 from camlens.errors import ConfigError
 from camlens.models import Classifier
 from camlens.pipeline.folder import OutputFolder
@@ -169,15 +169,3 @@ def prefetched(
             pending = submitted
         if pending is not None:
             yield pending[0], [future.result() for future in pending[1]]
-
-
-def chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
-    """Consecutive lists of ``size`` items (the last may be shorter).
-
-    Example:
-        >>> list(chunks("abcde", 2))
-        [['a', 'b'], ['c', 'd'], ['e']]
-    """
-    iterator = iter(items)
-    while chunk := list(islice(iterator, size)):
-        yield chunk

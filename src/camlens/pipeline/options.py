@@ -5,14 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from camlens.defaults import DEFAULT_BATCH_SIZE, ENGINES
 from camlens.errors import ConfigError
 from camlens.models.devices import check_device
-
-#: Where a job's batches run: this process, or a pool of Ray actors.
-ENGINES = ("local", "ray")
-
-#: The default images per batch of every batch command.
-DEFAULT_BATCH_SIZE = 16
 
 _CLI_SPELLING = {"out_dir": "--out", "ray_address": "--ray-address", "batch_size": "--batch-size"}
 

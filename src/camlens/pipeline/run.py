@@ -95,7 +95,8 @@ def run(
         log.claim()
     else:
         log = MemoryLog()
-    batches = [list(enumerate(items))[start : start + size] for start in starts if start >= done]
+    indexed = list(enumerate(items))
+    batches = [indexed[start : start + size] for start in starts if start >= done]
     appended = False
     try:
         if worker is not None:

@@ -41,8 +41,7 @@ from camlens.report.html import render_template
 from camlens.shortcuts.confirm import Confirmation
 from camlens.shortcuts.core import AuditSummary, ClassFinding, describe_place
 from camlens.shortcuts.find import ClassMapStats
-from camlens.tasks.common import safe_name
-from camlens.writers import write_png, write_text
+from camlens.writers import safe_name, write_png, write_text
 
 __all__ = ["write_audit_report"]
 
@@ -251,32 +250,22 @@ def _flag_figures(
     if confirmation is None:
         return {}
     stem = f"figures/flags/{number:02d}"
-    figures: dict[str, list[dict[str, str]]] = {"paste": [], "erase": []}
-    for j, example in enumerate(confirmation.paste.examples):
-        before, after = _pair(folder, f"{stem}_paste_{j}", example)
-        figures["paste"].append(
-            {
-                "before": before,
-                "after": after,
-                "caption": (
-                    f"{_name(labels, example['before_class'])} {percent(example['before_prob'])}"
-                    f" \u2192 {_name(labels, example['after_class'])} "
-                    f"{percent(example['after_prob'])}"
-                ),
-            }
-        )
-    for j, example in enumerate(confirmation.erase.examples):
-        before, after = _pair(folder, f"{stem}_erase_{j}", example)
-        figures["erase"].append(
-            {
-                "before": before,
-                "after": after,
-                "caption": (
-                    f"p({flag['class']}) {percent(example['before_prob'])} \u2192 "
-                    f"{percent(example['after_prob'])}"
-                ),
-            }
-        )
+    figures: dict[str, list[dict[str, str]]] = {}
+    for test, examples in (
+        ("paste", confirmation.paste.examples),
+        ("erase", confirmation.erase.examples),
+    ):
+        figures[test] = []
+        for j, example in enumerate(examples):
+            before, after = _pair(folder, f"{stem}_{test}_{j}", example)
+            was, now = percent(example["before_prob"]), percent(example["after_prob"])
+            caption = (
+                f"{_name(labels, example['before_class'])} {was} \u2192 "
+                f"{_name(labels, example['after_class'])} {now}"
+                if test == "paste"
+                else f"p({flag['class']}) {was} \u2192 {now}"
+            )
+            figures[test].append({"before": before, "after": after, "caption": caption})
     return figures
 
 

@@ -18,7 +18,6 @@ classes) and the image files: the report never runs the model.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,8 +33,7 @@ from camlens.metrics.registry import HIGHER_IS_BETTER, METRICS
 from camlens.pipeline import OutputFolder, as_output_folder
 from camlens.render import overlay, save_figure
 from camlens.report.html import render_template
-from camlens.tasks.common import safe_name
-from camlens.writers import write_png, write_text
+from camlens.writers import safe_name, write_png, write_text
 
 __all__ = ["REPORT_FILE", "worst_localized", "write_evaluation_report"]
 
@@ -352,7 +350,7 @@ def _caption(record: Mapping[str, Any]) -> str:
 
 def _safe(name: str) -> str:
     """A folder name for a method: ``gradcam++`` -> ``gradcampp``."""
-    return re.sub(r"[^A-Za-z0-9_-]+", "_", name.replace("+", "p")) or "method"
+    return safe_name(name.replace("+", "p"), fallback="method")
 
 
 # --- page ------------------------------------------------------------------------------------

@@ -19,20 +19,29 @@ Example:
     'Class circle depends on a fixed region in the upper left corner of the image ...'
 """
 
-from camlens.shortcuts.confirm import Confirmation, ConfirmRule, confirm_hotspot
-from camlens.shortcuts.core import (
-    AuditFold,
-    AuditSettings,
-    AuditSummary,
-    ClassFinding,
-    build_result,
-    describe_place,
-    object_grid,
-    summary_sentences,
-    widen_box,
-)
-from camlens.shortcuts.find import Hotspot, MapAccumulator, find_hotspots, heat_share
-from camlens.shortcuts.spray import Reservoir, eigengap_cluster_count, spectral_relevance_analysis
+from camlens.lazy import lazy_exports
+
+_EXPORTS = {
+    "Confirmation": "camlens.shortcuts.confirm",
+    "ConfirmRule": "camlens.shortcuts.confirm",
+    "confirm_hotspot": "camlens.shortcuts.confirm",
+    "AuditFold": "camlens.shortcuts.core",
+    "AuditSettings": "camlens.shortcuts.core",
+    "AuditSummary": "camlens.shortcuts.core",
+    "ClassFinding": "camlens.shortcuts.core",
+    "build_result": "camlens.shortcuts.core",
+    "describe_place": "camlens.shortcuts.core",
+    "object_grid": "camlens.shortcuts.core",
+    "summary_sentences": "camlens.shortcuts.core",
+    "widen_box": "camlens.shortcuts.core",
+    "Hotspot": "camlens.shortcuts.find",
+    "MapAccumulator": "camlens.shortcuts.find",
+    "find_hotspots": "camlens.shortcuts.find",
+    "heat_share": "camlens.shortcuts.find",
+    "Reservoir": "camlens.shortcuts.spray",
+    "eigengap_cluster_count": "camlens.shortcuts.spray",
+    "spectral_relevance_analysis": "camlens.shortcuts.spray",
+}
 
 __all__ = [
     "AuditFold",
@@ -55,3 +64,5 @@ __all__ = [
     "summary_sentences",
     "widen_box",
 ]
+
+__getattr__, __dir__ = lazy_exports(globals(), _EXPORTS)

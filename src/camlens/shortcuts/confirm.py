@@ -25,14 +25,14 @@ usable pairs cannot confirm anything.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from camlens.errors import ConfigError
+from camlens.metrics.faithfulness import gaussian_blur
 from camlens.models import Classifier
 from camlens.models.outputs import select_logits
 
@@ -250,7 +250,8 @@ def erase_regions(images: torch.Tensor, boxes: list[PixelBox], mode: str = "blur
     if mode == "mean":
         fill = values.mean(dim=(2, 3), keepdim=True).expand_as(values)
     else:
-        fill = _gaussian_blur(values, sigma=max(images.shape[-2:]) / 8)
+        sigma = max(images.shape[-2:]) / 8
+        fill = gaussian_blur(values, kernel_size=2 * max(1, round(3 * sigma)) + 1, sigma=sigma)
     out = values.clone()
     for i, (x0, y0, x1, y1) in enumerate(boxes):
         out[i, :, y0:y1, x0:x1] = fill[i, :, y0:y1, x0:x1]
@@ -260,18 +261,13 @@ def erase_regions(images: torch.Tensor, boxes: list[PixelBox], mode: str = "blur
 def predict_probs(
     classifier: Classifier, images: torch.Tensor, batch_size: int = 64
 ) -> torch.Tensor:
-    """Class probabilities (N, classes) for uint8 images (N, 3, H, W) at the input size.
-
-    The images are scaled to [0, 1] and normalised with the classifier's mean and std, as
-    ``Classifier.preprocess`` does.
+    """Class probabilities (N, classes) for uint8 images (N, 3, H, W) at the input size,
+    normalised as ``Classifier.preprocess`` normalises them (``Classifier.normalize``).
     """
-    mean = torch.tensor(classifier.mean, dtype=torch.float32).view(1, -1, 1, 1)
-    std = torch.tensor(classifier.std, dtype=torch.float32).view(1, -1, 1, 1)
     results = []
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
-            x = (images[start : start + batch_size].float() / 255.0 - mean) / std
-            x = x.to(device=classifier.device, dtype=classifier.dtype)
+            x = classifier.normalize(images[start : start + batch_size])
             logits = select_logits(classifier.module(x), classifier.output)
             results.append(logits.float().softmax(dim=1).cpu())
     return torch.cat(results) if results else torch.zeros((0, len(classifier.labels)))
@@ -498,28 +494,6 @@ def confirm_hotspot(
         and erased.confidence_drop - erased.baseline_drop >= rule.min_drop_gain
     )
     return Confirmation(paste, erased, bool(paste_confirms), bool(erase_confirms), alpha)
-
-
-def rule_dict(rule: ConfirmRule) -> dict[str, Any]:
-    """The rule's parameters, for ``audit.json``."""
-    return asdict(rule)
-
-
-def _gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
-    radius = max(1, round(3 * sigma))
-    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    channels = images.shape[1]
-    height, width = images.shape[-2:]
-    out = images
-    # Reflect padding needs pad < size; very large kernels fall back to replicate.
-    mode = "reflect" if radius < min(height, width) else "replicate"
-    horizontal = kernel.view(1, 1, 1, -1).repeat(channels, 1, 1, 1)
-    vertical = kernel.view(1, 1, -1, 1).repeat(channels, 1, 1, 1)
-    out = F.conv2d(F.pad(out, (radius, radius, 0, 0), mode=mode), horizontal, groups=channels)
-    out = F.conv2d(F.pad(out, (0, 0, radius, radius), mode=mode), vertical, groups=channels)
-    return out
 
 
 def _hwc(image: torch.Tensor) -> np.ndarray:

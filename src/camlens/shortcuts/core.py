@@ -40,6 +40,7 @@ from camlens.shortcuts.find import (
     heat_share,
 )
 from camlens.shortcuts.spray import ClassReservoirs, SprayResult, spectral_relevance_analysis
+from camlens.writers import Closing
 
 __all__ = [
     "THUMB_SIDE",
@@ -183,7 +184,7 @@ class AuditSummary:
         return sum(stats.count for stats in self.accumulator.stats.values())
 
 
-class AuditFold:
+class AuditFold(Closing):
     """Fold an audit's map pass, in input order, into an :class:`AuditSummary`.
 
     Feed it the images in input order (:meth:`add` for a group of readable images,
@@ -312,12 +313,6 @@ class AuditFold:
     def close(self) -> None:
         """Release the spool (``finish`` does it too)."""
         self.spool.close()
-
-    def __enter__(self) -> AuditFold:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def object_grid(

@@ -16,13 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
+from camlens.defaults import LABEL_SOURCES
 from camlens.errors import ConfigError
 from camlens.io import IMAGE_EXTENSIONS, collect_inputs
 from camlens.io.imagefolder import scan_image_folder
 
 __all__ = ["LABEL_SOURCES", "AuditItems", "resolve_audit_classes", "resolve_audit_items"]
-
-LABEL_SOURCES = ("auto", "folders", "predictions")
 
 
 @dataclass(frozen=True)

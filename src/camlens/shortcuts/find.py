@@ -37,6 +37,8 @@ import torch
 from scipy import ndimage
 
 from camlens.errors import ConfigError
+from camlens.io.annotations import mask_box
+from camlens.writers import Closing
 
 __all__ = [
     "ClassMapStats",
@@ -307,9 +309,8 @@ def region_box(region: np.ndarray) -> tuple[tuple[int, int, int, int], BoxF]:
         >>> region_box(m)
         ((1, 0, 3, 2), (0.25, 0.0, 0.75, 0.5))
     """
-    rows, cols = ndimage.find_objects(region.astype(np.int32))[0]
+    cells = mask_box(region)
     height, width = region.shape
-    cells = (cols.start, rows.start, cols.stop, rows.stop)
     return cells, (cells[0] / width, cells[1] / height, cells[2] / width, cells[3] / height)
 
 
@@ -378,7 +379,7 @@ def find_hotspots(
     return sorted(hotspots, key=lambda h: -h.peak_frequency)
 
 
-class TopCellSpool:
+class TopCellSpool(Closing):
     """Each image's top-cell mask, 1 bit per cell, in a temporary file (not in memory).
 
     Example:
@@ -434,9 +435,3 @@ class TopCellSpool:
 
     def close(self) -> None:
         self._file.close()
-
-    def __enter__(self) -> TopCellSpool:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -34,10 +34,9 @@ from camlens.io.annotations import Annotation
 from camlens.localize import normalize_maps
 from camlens.methods import make_method
 from camlens.models import Classifier
-from camlens.models.fingerprint import model_fingerprint
 from camlens.pipeline import Item, OutputFolder, model_for_actors
 from camlens.shortcuts.core import THUMB_SIDE, AuditFold, AuditSettings, AuditSummary
-from camlens.tasks.common import Loaded, load_input, worker_model
+from camlens.tasks.common import Loaded, load_input, model_settings, worker_model
 
 __all__ = ["FOLD_GROUP", "AuditInput", "AuditTask", "AuditWorker", "error_record"]
 
@@ -80,13 +79,8 @@ class AuditTask:
     parts_dir: ClassVar[str] = "maps"
 
     def settings(self) -> dict[str, Any]:
-        fingerprint = (
-            model_fingerprint(self.model)
-            if isinstance(self.model, Classifier)
-            else {"model": self.model}
-        )
         return {
-            **fingerprint,
+            **model_settings(self.model),
             "method": self.method,
             "method_options": self.method_options,
             "layer": self.layer,

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
 
 from camlens.io import ImageLoadError, load_image
 from camlens.models import Classifier, load_model
+from camlens.models.fingerprint import model_fingerprint
+from camlens.writers import safe_name
 
 
 @dataclass
@@ -40,15 +42,10 @@ def worker_model(model: Classifier | str, device: str | None = None) -> Classifi
     return load_model(model, device=device) if isinstance(model, str) else model
 
 
-def safe_name(text: str, limit: int = 60, fallback: str = "input") -> str:
-    """``text`` as a file-name part: runs of anything but letters, digits, ``.``, ``_`` and
-    ``-`` become ``_``; at most ``limit`` characters.
-
-    Example:
-        >>> safe_name("my photo (1)"), safe_name("gradcam++"), safe_name("", fallback="x")
-        ('my_photo_1_', 'gradcam_', 'x')
-    """
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)[:limit] or fallback
+def model_settings(model: Classifier | str) -> dict[str, Any]:
+    """The model's part of a task's settings (what a resume must find again): the loaded
+    model's fingerprint (``model_fingerprint``), or the spec a worker loads it from."""
+    return model_fingerprint(model) if isinstance(model, Classifier) else {"model": model}
 
 
 def output_stem(index: int, source: str) -> str:

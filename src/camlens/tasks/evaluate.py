@@ -65,10 +65,9 @@ from camlens.metrics.registry import (
 )
 from camlens.metrics.sanity import cascading_randomization
 from camlens.models import Classifier
-from camlens.models.fingerprint import model_fingerprint
 from camlens.pipeline import Item, OutputFolder, model_for_actors
 from camlens.targets import class_index
-from camlens.tasks.common import worker_model
+from camlens.tasks.common import model_settings, worker_model
 
 __all__ = [
     "METRICS_FILE",
@@ -133,13 +132,8 @@ class EvaluateTask:
         return self.model.name if isinstance(self.model, Classifier) else str(self.model)
 
     def settings(self) -> dict[str, Any]:
-        fingerprint = (
-            model_fingerprint(self.model)
-            if isinstance(self.model, Classifier)
-            else {"model": self.model}
-        )
         return {
-            **fingerprint,
+            **model_settings(self.model),
             "methods": self.method_names,
             "method_options": self.method_options,
             "layer": self.layer,

@@ -20,11 +20,10 @@ from camlens.errors import ConfigError
 from camlens.explanation import Explanation
 from camlens.methods import make_method
 from camlens.models import Classifier
-from camlens.models.fingerprint import model_fingerprint
 from camlens.pipeline import Item, OutputFolder, model_for_actors
 from camlens.render import colorize, save_figure, topk_figure
 from camlens.targets import Target, check_target, describe_target
-from camlens.tasks.common import Loaded, load_input, output_stem, worker_model
+from camlens.tasks.common import Loaded, load_input, model_settings, output_stem, worker_model
 from camlens.writers import write_npz, write_png
 
 __all__ = ["ExplainTask", "Style", "error_record", "write_image_outputs"]
@@ -77,13 +76,8 @@ class ExplainTask:
     parts_dir: ClassVar[str] = "parts"
 
     def settings(self) -> dict[str, Any]:
-        fingerprint = (
-            model_fingerprint(self.model)
-            if isinstance(self.model, Classifier)
-            else {"model": self.model}
-        )
         return {
-            **fingerprint,
+            **model_settings(self.model),
             "method": self.method,
             "method_options": self.method_options,
             "target": describe_target(self.target),
