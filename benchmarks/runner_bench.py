@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from PIL import Image
+
 from camlens.io.samples import SAMPLES, sample_image
 
 CHILD = r"""
@@ -39,9 +41,11 @@ if args["engine"] == "ray":
     ray.init(num_cpus=args["workers"], include_dashboard=False, log_to_driver=False)
     kwargs = {"engine": "ray", "workers": args["workers"]}
 ready = time.perf_counter()
+from camlens.tasks.explain import Style
 options = camlens.RunOptions(batch_size=16, progress=False, overwrite=True, **kwargs)
+style = Style(overlay_size=args.get("overlay_size", 2048))
 summary = camlens.run_explain("efficientnet_lite0", [args["inputs"]], args["out"],
-                              options=options)
+                              style=style, options=options)
 done = time.perf_counter()
 print(json.dumps({"n": summary.n_ok, "total_s": done - start, "run_s": done - ready,
                   "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
@@ -58,8 +62,24 @@ def make_photos(folder: Path, n: int) -> Path:
     return folder
 
 
-def measure(inputs: Path, out: Path, engine: str, workers: int = 1) -> dict:
-    args = {"inputs": str(inputs), "out": str(out), "engine": engine, "workers": workers}
+def make_big_photos(folder: Path, n: int, size: tuple[int, int] = (4000, 3000)) -> Path:
+    """``n`` 12-megapixel JPEG photos (the bundled samples enlarged), like a phone's."""
+    folder.mkdir(parents=True, exist_ok=True)
+    photos = [sample_image(name).resize(size, Image.BICUBIC) for name in SAMPLES]
+    for i in range(n):
+        path = folder / f"big{i:03d}.jpg"
+        if not path.exists():
+            photos[i % len(photos)].save(path, quality=90)
+    return folder
+
+
+def measure(
+    inputs: Path, out: Path, engine: str, workers: int = 1, overlay_size: int = 2048
+) -> dict:
+    args = {
+        "inputs": str(inputs), "out": str(out), "engine": engine, "workers": workers,
+        "overlay_size": overlay_size,
+    }  # fmt: skip
     done = subprocess.run(
         [sys.executable, "-c", CHILD, json.dumps(args)], capture_output=True, text=True, check=False
     )
@@ -89,6 +109,19 @@ def main() -> None:
             result = measure(make_photos(tmp / f"in{n}", n), tmp / f"mem{n}", "local")
             memory.append((n, result))
             print(n, result, flush=True)
+        big_inputs = make_big_photos(tmp / "big", 5 if args.quick else 20)
+        big = []
+        for overlay_size in (2048, 0):
+            out = tmp / f"big-out{overlay_size}"
+            result = measure(big_inputs, out, "local", overlay_size=overlay_size)
+            overlay = max((out / "overlays").iterdir(), key=lambda p: p.stat().st_size)
+            with Image.open(overlay) as image:
+                result["overlay_size"], result["overlay_mb"] = (
+                    image.size,
+                    overlay.stat().st_size / 1e6,
+                )
+            big.append((overlay_size, result))
+            print("12 MP", overlay_size, result, flush=True)
     base = rows[0][1]["n"] / rows[0][1]["run_s"]
     lines = [
         "## End-to-end `camlens explain` (runner, engines, memory)",
@@ -113,6 +146,19 @@ def main() -> None:
         lines.append(f"| {n} | {r['peak_rss_mib']:.0f} | {r['n'] / r['run_s']:.1f} |")
     ratio = memory[-1][1]["peak_rss_mib"] / memory[0][1]["peak_rss_mib"]
     lines += ["", f"Peak RSS ratio {memory[-1][0]} / {memory[0][0]} inputs: {ratio:.2f}.", ""]
+    lines += [
+        f"Large photos: {big[0][1]['n']} JPEGs of 4000 x 3000 (12 MP), the same settings:",
+        "",
+        "| --overlay-size | peak RSS MiB | s per image | overlay (px, MB) |",
+        "|---:|---:|---:|---|",
+    ]
+    for overlay_size, r in big:
+        width, height = r["overlay_size"]
+        lines.append(
+            f"| {overlay_size or '0 (original)'} | {r['peak_rss_mib']:.0f} | "
+            f"{r['run_s'] / r['n']:.2f} | {width} x {height}, {r['overlay_mb']:.1f} |"
+        )
+    lines.append("")
     text = "\n".join(lines)
     print(text)
     if args.out:

@@ -76,3 +76,29 @@ def test_torchscript_modules_are_refused_with_the_way_out():
     scripted = torch.jit.script(SharedActNet().eval())
     with pytest.raises(camlens.ConfigError, match="--weights"):
         camlens.CAM(scripted)
+
+
+def test_explanation_repr_is_one_line_and_notebooks_see_overlays(builtin_model, sample_photos):
+    result = camlens.explain(builtin_model, sample_photos, target="top2")
+    text = repr(result)
+    assert "\n" not in text and len(text) < 200
+    assert text == (
+        "Explanation(method='cam', layer='_swish', n=2, k=2, raw=7x7, input=224x224, "
+        f"targets={result.targets.tolist()})"
+    )
+    html = result._repr_html_()
+    assert html.count("<img") == 4 and "Egyptian cat" in html
+
+
+def test_explanation_save_follows_the_folder_rules(builtin_model, sample_photos, tmp_path):
+    result = camlens.explain(builtin_model, sample_photos)
+    (tmp_path / "mine.txt").write_text("mine")
+    with pytest.raises(camlens.ConfigError, match="overwrite=True"):
+        result.save(tmp_path)  # not empty: refused, in Python's spelling
+    records = result.save(tmp_path, overwrite=True)
+    assert (tmp_path / "mine.txt").read_text() == "mine"
+    assert [r["input"] for r in records] == ["image0", "image1"]  # PIL images have no names
+    assert (
+        records[0]["maps"][0]["overlay"]
+        == f"overlays/00000_image0_c{records[0]['maps'][0]['class']}.png"
+    )

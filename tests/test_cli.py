@@ -138,3 +138,17 @@ def test_demo_writes_topk_figures_and_gallery(tmp_path):
     for record in records.values():
         assert len(record["maps"]) == 5 and (tmp_path / record["figure"]).is_file()
     assert "figures/" in (tmp_path / "index.html").read_text()
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [("banana", "unknown device 'banana'"), ("cuda:99", "cuda:99")],
+)
+def test_a_bad_device_is_a_usage_error_before_any_work(tmp_path, device, message):
+    image = tmp_path / "a.png"
+    Image.new("RGB", (32, 32)).save(image)
+    result = CliRunner().invoke(
+        main, ["explain", str(image), "--out", str(tmp_path / "o"), "--device", device]
+    )
+    assert result.exit_code == 2 and message in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "o").exists()

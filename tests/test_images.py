@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -265,10 +266,13 @@ def test_truncated_message_says_what_to_do(corpus: Path) -> None:
 def test_bomb_messages(corpus: Path) -> None:
     with pytest.raises(ImageLoadError) as caught:
         load_image(corpus / "bomb.png")
-    assert "has 200,000,000 pixels, above the limit of 89,478,485" in str(caught.value)
-    assert "(decompression-bomb protection)" in str(caught.value)
+    assert "has 200,000,000 pixels, above the limit of 40,000,000" in str(caught.value)
+    assert "(the pixel budget: memory and decompression-bomb protection)" in str(caught.value)
     with pytest.raises(ImageLoadError) as caught:
         load_image(corpus / "bomb_warning.png")
+    assert "has 100,000,000 pixels, above the limit of 40,000,000" in str(caught.value)
+    with pytest.raises(ImageLoadError) as caught:  # without camlens' budget: Pillow's limit
+        load_image(corpus / "bomb_warning.png", max_pixels=89_478_485)
     assert "has 100,000,000 pixels, above the limit of 89,478,485" in str(caught.value)
 
 
@@ -283,7 +287,7 @@ def test_bomb_warning_is_not_leaked_and_global_state_is_untouched(corpus: Path) 
     assert not [w for w in recorded if issubclass(w.category, Image.DecompressionBombWarning)]
     assert list(warnings.filters) == filters_before
     assert limit_before == Image.MAX_IMAGE_PIXELS
-    assert DEFAULT_MAX_PIXELS == 89_478_485
+    assert DEFAULT_MAX_PIXELS == 40_000_000  # the budget, below Pillow's 89,478,485
 
 
 def test_max_pixels_keyword(tmp_path: Path) -> None:
@@ -291,7 +295,12 @@ def test_max_pixels_keyword(tmp_path: Path) -> None:
     Image.new("RGB", (100, 100), BLUE).save(path)
     with pytest.raises(ImageLoadError) as caught:
         load_image(path, max_pixels=5_000)
-    assert "has 10,000 pixels, above the limit of 5,000 (decompression-bomb" in str(caught.value)
+    message = str(caught.value)
+    assert (
+        "has 10,000 pixels, above the limit of 5,000 (the pixel budget: memory and decompression-bomb protection)"
+        in message
+    )
+    assert "--max-pixels on the command line, max_pixels= in Python" in message
     assert "big.png" in str(caught.value)
     assert load_image(path, max_pixels=10_000).size == (100, 100)
     assert load_image(path, max_pixels=None).getpixel((99, 99)) == BLUE
@@ -304,7 +313,7 @@ def test_pillow_warning_range_and_larger_max_pixels(tmp_path: Path) -> None:
     data = bilevel_png_bytes(9_000, 10_000)
     path = tmp_path / "big.png"
     path.write_bytes(data)
-    with pytest.raises(ImageLoadError, match="90,000,000 pixels, above the limit of 89,478,485"):
+    with pytest.raises(ImageLoadError, match="90,000,000 pixels, above the limit of 40,000,000"):
         load_image(path)
     with pytest.raises(ImageLoadError, match="above the limit of 80,000,000"):
         load_image(path, max_pixels=80_000_000)
@@ -495,3 +504,38 @@ def test_collect_inputs_unlistable_folder(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setattr(os, "scandir", refuse)
     with pytest.raises(ImageLoadError, match=r"cannot list folder '.*locked': Permission denied"):
         collect_inputs([folder])
+
+
+@pytest.mark.parametrize("kind", ["fifo", "char-device"])
+def test_only_regular_files_are_opened(tmp_path: Path, kind: str) -> None:
+    if kind == "fifo":
+        path = tmp_path / "b.png"
+        os.mkfifo(path)  # opening it for reading would block until a writer comes
+        expected = "a named pipe (FIFO), not a regular file"
+    else:
+        path = Path("/dev/null")
+        expected = "a character device, not a regular file"
+    with pytest.raises(ImageLoadError, match=re.escape(expected)):
+        load_image(path)
+
+
+def test_large_jpegs_decode_at_a_reduced_scale_and_keep_their_size(tmp_path: Path) -> None:
+    path = tmp_path / "big.jpg"
+    Image.new("RGB", (4000, 3000), BLUE).save(path, quality=90)
+    full = load_image(path)
+    assert full.size == full.info["original_size"] == (4000, 3000)
+    half = load_image(path, needed_side=1000)  # 1/4 would be 1000 x 750: the smallest >= 1000
+    assert half.size == (1000, 750) and half.info["original_size"] == (4000, 3000)
+    assert load_image(path, needed_side=5000).size == (4000, 3000)  # never enlarged
+    png = tmp_path / "big.png"
+    Image.new("RGB", (400, 300), BLUE).save(png)
+    assert load_image(png, needed_side=100).size == (400, 300)  # only JPEGs have reduced scales
+
+
+def test_a_turned_jpeg_reports_its_size_as_shown(tmp_path: Path) -> None:
+    path = tmp_path / "turned.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees when shown
+    Image.new("RGB", (4000, 3000), BLUE).save(path, exif=exif.tobytes())
+    image = load_image(path, needed_side=1000)
+    assert image.size == (750, 1000) and image.info["original_size"] == (3000, 4000)

@@ -325,3 +325,53 @@ def test_ctrl_c_exits_130_and_the_run_resumes(tmp_path):
     resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     _assert_complete(out, photos)
+
+
+# --- hostile and large inputs ----------------------------------------------------------------
+
+
+def test_a_fifo_among_the_inputs_is_an_error_record_and_nothing_hangs(tmp_path):
+    photos = _noise_images(tmp_path / "in", 1)
+    os.mkfifo(tmp_path / "in" / "b.png")  # reading it would block until a writer comes
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "camlens", "explain", str(tmp_path / "in"), "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr  # some inputs failed, the rest was processed
+    records = {Path(r["input"]).name: r for r in _records(out)}
+    assert records["b.png"]["status"] == "error"
+    assert "named pipe (FIFO)" in records["b.png"]["error"]
+    assert records[photos[0].name]["status"] == "ok"
+
+
+def test_overlays_are_bounded_and_boxes_stay_in_original_pixels(tmp_path, builtin_model):
+    from camlens.tasks.explain import Style
+
+    big = tmp_path / "in" / "big.png"
+    big.parent.mkdir()
+    Image.fromarray(
+        np.random.default_rng(0).integers(0, 255, (1200, 3000, 3), dtype=np.uint8)
+    ).save(big)
+    options = RunOptions(progress=False)
+    bounded, full = tmp_path / "bounded", tmp_path / "full"
+    run_explain(builtin_model, [big], bounded, style=Style(overlay_size=1000), options=options)
+    run_explain(builtin_model, [big], full, style=Style(overlay_size=0), options=options)
+    (small,), (large,) = _records(bounded), _records(full)
+    assert small["size"] == large["size"] == [3000, 1200]
+    assert small["maps"][0]["box"] == large["maps"][0]["box"]  # in original pixels, both
+    with Image.open(bounded / small["maps"][0]["overlay"]) as image:
+        assert image.size == (1000, 400)
+    with Image.open(full / large["maps"][0]["overlay"]) as image:
+        assert image.size == (3000, 1200)
+
+
+def test_an_image_over_the_pixel_budget_is_an_error_record_naming_the_option(tmp_path):
+    photos = _noise_images(tmp_path / "in", 2, size=48)
+    out = tmp_path / "out"
+    # The images are 48 x 48 (2,304 pixels) and 49 x 48 (2,352): a budget of 2,320 takes one.
+    result = _explain_cli(str(tmp_path / "in"), "--out", str(out), "--max-pixels", "2320")
+    assert result.exit_code == 1
+    first, second = _records(out)
+    assert (first["input"], first["status"]) == (str(photos[0]), "ok")
+    assert (second["input"], second["status"]) == (str(photos[1]), "error")
+    assert "2,352 pixels, above the limit of 2,320" in second["error"]
+    assert "--max-pixels on the command line" in second["error"]

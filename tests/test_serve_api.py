@@ -312,7 +312,11 @@ def test_unreadable_uploads_are_4xx_with_a_message(client, name, data, status, m
     detail = response.json()["detail"]
     assert message in detail and f"the upload '{name}'" in detail
     if "pixels" in message:
-        assert "above the limit of 89,478,485 (decompression-bomb protection)" in detail
+        assert (
+            "above the limit of 40,000,000 (the pixel budget: memory and decompression-bomb"
+            in detail
+        )
+        assert "send a smaller image" in detail and "max_pixels=" not in detail
 
 
 def test_a_client_file_name_is_never_opened(client, tmp_path):

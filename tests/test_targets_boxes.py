@@ -95,3 +95,19 @@ def test_normalize_maps_upsampling_is_bilinear_and_max_one():
     maps = camlens.normalize_maps(raw, (1, 4))
     # align_corners=False bilinear from 2 to 4 samples: [0, 0.5, 1.5, 2] / 2
     torch.testing.assert_close(maps[0, 0, 0], torch.tensor([0.0, 0.25, 0.75, 1.0]))
+
+
+def test_a_misspelt_class_suggests_the_classes_that_contain_the_word():
+    from camlens.errors import ConfigError
+    from camlens.models.efficientnet_lite import imagenet_labels
+    from camlens.targets import class_index
+
+    labels = imagenet_labels()
+    try:
+        class_index("cat", labels)
+    except ConfigError as error:
+        message = str(error)
+    else:
+        raise AssertionError("'cat' is not an ImageNet class name")
+    assert "Egyptian cat" in message and "tiger cat" in message
+    assert "crate" not in message  # edit distance alone suggested "crate, oxcart, castle"

@@ -15,3 +15,12 @@ ENGINES = ("local", "ray")
 
 #: How ``camlens audit`` decides each image's class: ``auto``, its folder, or the prediction.
 LABEL_SOURCES = ("auto", "folders", "predictions")
+
+#: The largest image (in pixels) camlens decodes unless told otherwise (``--max-pixels``):
+#: 40 megapixels, below Pillow's own decompression-bomb limit (89.5 Mpx). A decoded image
+#: takes 3 bytes per pixel; 40 Mpx is 120 MB.
+DEFAULT_MAX_PIXELS = 40_000_000
+
+#: The longest side of an overlay ``camlens explain`` writes (``--overlay-size``; 0: the
+#: original size). Boxes stay in original-image pixels.
+DEFAULT_OVERLAY_SIZE = 2048

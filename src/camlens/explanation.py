@@ -44,6 +44,8 @@ class Explanation:
         images: the original images (for overlays and original-pixel boxes), or None.
         identity_error: CAM only: max |mean(M_c) + b_c - y_c| over the batch.
         sources: the inputs' names (their paths), or None; ``save`` names files after them.
+        sizes: (width, height) of each original image when ``images`` hold smaller copies for
+            display (large photos); None: the sizes of ``images``.
     """
 
     raw: torch.Tensor
@@ -56,6 +58,7 @@ class Explanation:
     images: list[Image.Image] | None = None
     identity_error: float | None = None
     sources: list[str] | None = None
+    sizes: list[tuple[int, int]] | None = None
 
     @classmethod
     def from_result(
@@ -67,11 +70,18 @@ class Explanation:
         *,
         images: list[Image.Image] | None = None,
         sources: list[str] | None = None,
+        sizes: list[tuple[int, int]] | None = None,
     ) -> Explanation:
         """The Explanation of one method call (tensors moved to the CPU).
 
         Example:
-            >>> Explanation.from_result(method.run(x, "top1"), method.name, (224, 224), labels)
+            >>> from torch import nn
+            >>> from camlens.methods import CAM
+            >>> model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+            ...                       nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+            >>> method, x = CAM(model), torch.rand(1, 3, 16, 16)
+            >>> Explanation.from_result(method.run(x, "top1"), method.name, (16, 16), ["cat", "dog"])
+            Explanation(method='cam', layer='1', n=1, k=1, raw=16x16, input=16x16, targets=[[1]])
         """
         return cls(
             raw=result.raw.cpu(),
@@ -84,6 +94,7 @@ class Explanation:
             images=images,
             identity_error=result.identity_error,
             sources=sources,
+            sizes=sizes,
         )
 
     def __repr__(self) -> str:
@@ -141,6 +152,8 @@ class Explanation:
 
     def original_size(self, i: int) -> tuple[int, int]:
         """(width, height) of image ``i``'s original (the input size when unknown)."""
+        if self.sizes is not None:
+            return tuple(self.sizes[i])
         if self.images is not None:
             return self.images[i].size
         return (self.input_size[1], self.input_size[0])
@@ -186,18 +199,22 @@ class Explanation:
     def image_overlays(
         self, i: int, *, colormap: str = "jet", alpha: float = 0.5, threshold: float | None = 0.2
     ) -> list[Image.Image]:
-        """Overlays of image ``i``, one per target (see ``overlays``)."""
-        boxes = self.image_boxes(i, threshold, original=True) if threshold is not None else None
+        """Overlays of image ``i``, one per target (see ``overlays``), at the size of
+        ``display_image(i)``: the original, or the smaller copy ``images`` holds when the
+        originals' sizes are in ``sizes``."""
         image = self.display_image(i)
+        width, height = image.size
+        heat = normalize_maps(self.raw[i : i + 1], (height, width))[0].numpy()
+        boxes = [None] * heat.shape[0]
+        if threshold is not None:
+            input_wh = (self.input_size[1], self.input_size[0])
+            boxes = [
+                scale_box(box, input_wh, (width, height)) if box is not None else None
+                for box in self.image_boxes(i, threshold)
+            ]
         return [
-            overlay(
-                image,
-                self.heatmap(i, k, original=True),
-                colormap=colormap,
-                alpha=alpha,
-                box=boxes[k] if boxes else None,
-            )
-            for k in range(self.targets.shape[1])
+            overlay(image, heat[k], colormap=colormap, alpha=alpha, box=boxes[k])
+            for k in range(heat.shape[0])
         ]
 
     def display_image(self, i: int) -> Image.Image:

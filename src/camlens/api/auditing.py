@@ -140,6 +140,7 @@ def audit(
             "classes": None if audited is None else [labels[i] for i in sorted(audited)],
             "annotations": _describe_annotations(annotations, annotation_list),
         },
+        max_pixels=options.max_pixels,
     )
     inputs = [
         (str(path), None if items.classes is None else items.classes[i])

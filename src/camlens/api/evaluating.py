@@ -174,6 +174,7 @@ def evaluate(
             layer,
             dict(method_options or {}),
             source,
+            max_pixels=options.max_pixels,
         )
         if folder is not None:
             folder.prepare(resume=options.resume, overwrite=options.overwrite)

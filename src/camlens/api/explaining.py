@@ -64,8 +64,12 @@ def explain(
     Example:
         >>> import camlens
         >>> result = camlens.explain("efficientnet_lite0", "cat.jpg", target="top5")
-        >>> result.labels[result.targets[0, 0]], result.boxes(original=True)[0][0]
-        ('Egyptian cat', (35, 12, 410, 300))
+        >>> [result.labels[c] for c in result.targets[0, :3].tolist()]
+        ['Egyptian cat', 'tiger cat', 'tabby']
+        >>> result.raw.shape, result.maps.shape  # signed at 7 x 7; in [0, 1] at 224 x 224
+        (torch.Size([1, 5, 7, 7]), torch.Size([1, 5, 224, 224]))
+        >>> result.boxes(original=True)[0][0]  # the Egyptian cat, in the photo's pixels
+        (0, 0, 415, 300)
     """
     classifier = model if isinstance(model, Classifier) else load_model(model)
     originals = sources = None
@@ -134,10 +138,13 @@ def run_explain(
             ``inputs``, or an output folder the rules refuse.
 
     Example:
+        >>> import camlens, os
         >>> result = camlens.run_explain("efficientnet_lite0", ["photos/"], "out",
         ...                              options=camlens.RunOptions(batch_size=32))
         >>> result.n_ok, result.exit_code
-        (12, 0)
+        (3, 0)
+        >>> sorted(os.listdir("out")), sorted(os.listdir("out/overlays"))[1]
+        (['.camlens', 'index.html', 'overlays', 'raw', 'results.jsonl'], '00001_cat_c285.png')
     """
     options = options or RunOptions()
     folder = job_folder(out_dir, options)
@@ -148,7 +155,14 @@ def run_explain(
         raise ConfigError("no images found in the given inputs")
     classifier = job_model(model, options.device)
     task = ExplainTask(
-        classifier, method, target, layer, dict(method_options or {}), style, figures
+        classifier,
+        method,
+        target,
+        layer,
+        dict(method_options or {}),
+        style,
+        figures,
+        max_pixels=options.max_pixels,
     )
     result = run(task, paths, folder.root, options, folder=folder)
     write_gallery(

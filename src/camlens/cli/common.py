@@ -22,7 +22,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from camlens.defaults import DEFAULT_BATCH_SIZE, DEFAULT_MODEL, ENGINES
+from camlens.defaults import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MODEL,
+    DEFAULT_OVERLAY_SIZE,
+    ENGINES,
+)
 from camlens.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -241,7 +247,8 @@ def method_options(function=None, *, default: str = "cam", several: bool = False
 
 
 def style_options(function):
-    """``--colormap`` and ``--alpha``, shared by every command that draws overlays."""
+    """``--colormap``, ``--alpha`` and ``--overlay-size``, shared by every command that draws
+    overlays."""
     return _add(
         function,
         [
@@ -258,6 +265,14 @@ def style_options(function):
                 show_default=True,
                 help="Opacity of the heat map over the photo.",
             ),
+            click.option(
+                "--overlay-size",
+                default=DEFAULT_OVERLAY_SIZE,
+                show_default=True,
+                type=click.IntRange(min=0),
+                help="Longest side of an overlay in pixels (larger photos are drawn smaller; "
+                "boxes stay in original pixels); 0: the original size.",
+            ),
         ],
     )
 
@@ -270,13 +285,25 @@ device_option = click.option(
 )
 
 
+#: ``--max-pixels``: the pixel budget of an input image.
+max_pixels_option = click.option(
+    "--max-pixels",
+    default=DEFAULT_MAX_PIXELS,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Pixel budget: a larger image is refused (an error record), which bounds memory and "
+    "stops decompression bombs; 0: no camlens budget (Pillow's own limit, 179 Mpx, remains).",
+)
+
+
 def run_options(function):
     """The options of every batch command, given to it as one ``options: RunOptions``:
     ``--batch-size``, ``--device``, ``--engine``, ``--ray-address``, ``--workers``,
     ``--resume`` and ``--overwrite`` (checked before any work: exit 2 when they are wrong)."""
 
     @functools.wraps(function)
-    def command(*args, batch_size, device, engine, ray_address, workers, resume, overwrite, **kw):
+    def command(*args, batch_size, device, engine, ray_address, workers, resume, overwrite,
+                max_pixels, **kw):  # fmt: skip
         from camlens.pipeline import RunOptions
 
         options = run_or_exit(
@@ -288,6 +315,7 @@ def run_options(function):
                 workers=workers,
                 resume=resume,
                 overwrite=overwrite,
+                max_pixels=max_pixels or None,
                 cli=True,
             )
         )
@@ -334,6 +362,7 @@ def run_options(function):
                 is_flag=True,
                 help="Remove what camlens wrote in --out before (nothing else), then start again.",
             ),
+            max_pixels_option,
         ],
     )
 

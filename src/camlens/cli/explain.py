@@ -51,6 +51,7 @@ def explain(
     layer: str | None,
     colormap: str,
     alpha: float,
+    overlay_size: int,
     threshold: float,
     options: RunOptions,
 ) -> None:
@@ -65,7 +66,7 @@ def explain(
     from camlens.api.explaining import run_explain
     from camlens.tasks.explain import Style
 
-    style = run_or_exit(lambda: Style(colormap, alpha, threshold).check())
+    style = run_or_exit(lambda: Style(colormap, alpha, threshold, overlay_size).check())
     result = run_or_exit(
         lambda: run_explain(
             lambda: model.load(options.device),
@@ -93,6 +94,7 @@ def demo(
     method_options: dict,
     colormap: str,
     alpha: float,
+    overlay_size: int,
     options: RunOptions,
 ) -> None:
     """The built-in EfficientNet-Lite0 on bundled photos: top-5 class maps per image.
@@ -107,7 +109,7 @@ def demo(
     from camlens.pipeline import OutputFolder
     from camlens.tasks.explain import Style
 
-    style = run_or_exit(lambda: Style(colormap, alpha, 0.2).check())
+    style = run_or_exit(lambda: Style(colormap, alpha, 0.2, overlay_size).check())
 
     def job() -> RunResult:
         folder = OutputFolder(out_dir, spell=options.spell)

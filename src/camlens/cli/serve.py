@@ -18,6 +18,7 @@ from camlens.cli.common import (
     deprecated_option,
     device_option,
     layer_option,
+    max_pixels_option,
     model_file_options,
     run_or_exit,
 )
@@ -100,6 +101,7 @@ from camlens.errors import ConfigError
     help=SMOOTH_HELP,
 )
 @device_option
+@max_pixels_option
 def serve(
     host: str,
     port: int,
@@ -114,6 +116,7 @@ def serve(
     max_channels: int,
     smooth: int,
     device: str,
+    max_pixels: int,
 ) -> None:
     """Explore class activation maps in the browser: upload an image, pick a class.
 
@@ -141,6 +144,7 @@ def serve(
         "smooth": smooth,
         "layer": layer,
         "method": method,
+        "max_pixels": max_pixels or None,
     }
 
     def build():

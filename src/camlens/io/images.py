@@ -10,8 +10,10 @@ message that names the file, says what is wrong and, where there is something to
 
 from __future__ import annotations
 
+import math
 import os
 import re
+import stat
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -19,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from camlens.defaults import DEFAULT_MAX_PIXELS
 from camlens.errors import CamlensError
 
 __all__ = [
@@ -36,8 +39,13 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
 )
 
-#: Pillow's default decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``), 89,478,485.
-DEFAULT_MAX_PIXELS: int = 89_478_485
+
+#: The end of the message for an image over the pixel budget (the server replaces it: its
+#: users cannot change the budget).
+BUDGET_HINT = (
+    "if you trust the file, raise the budget: --max-pixels on the command line, max_pixels= "
+    "in Python"
+)
 
 _WHITE = (255, 255, 255)
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
@@ -135,6 +143,7 @@ def load_image(
     source: str | os.PathLike | Image.Image,
     *,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    needed_side: int | None = None,
 ) -> Image.Image:
     """Load an image as a fully decoded, EXIF-oriented, 8-bit RGB image.
 
@@ -147,10 +156,17 @@ def load_image(
     source : str, os.PathLike or PIL.Image.Image
         A file path, or an image already in memory.
     max_pixels : int or None, optional
-        Refuse images with more pixels than this (decompression-bomb protection). The default
-        is Pillow's own limit, 89,478,485. ``None`` disables this check; Pillow's hard limit of
-        twice ``PIL.Image.MAX_IMAGE_PIXELS`` still applies to files unless the application
-        changes that setting itself.
+        Refuse images with more pixels than this: the pixel budget, which bounds memory and
+        stops decompression bombs (default 40,000,000, ``camlens.defaults.DEFAULT_MAX_PIXELS``;
+        the command line's ``--max-pixels``). ``None`` disables this check; Pillow's hard
+        limit of twice ``PIL.Image.MAX_IMAGE_PIXELS`` still applies to files unless the
+        application changes that setting itself.
+    needed_side : int or None, optional
+        The longest side the caller needs: a JPEG is decoded at the smallest of Pillow's
+        reduced scales (1/2, 1/4, 1/8: ``Image.draft``) whose longest side is still at least
+        this, which saves time and memory on large photos. Other formats are decoded whole.
+        The size of the file's image, after EXIF rotation, is in ``image.info["original_size"]``
+        either way.
 
     Returns
     -------
@@ -189,8 +205,18 @@ def load_image(
         try:
             with Image.open(path) as opened:
                 _check_pixels(opened.size, max_pixels, path, name)
+                stored = opened.size
+                if needed_side and opened.format == "JPEG" and max(stored) > needed_side:
+                    scale = needed_side / max(stored)
+                    opened.draft(
+                        "RGB", (math.ceil(stored[0] * scale), math.ceil(stored[1] * scale))
+                    )
+                decoded = opened.size
                 opened.load()
-                return _finish(opened, name, stacklevel=4)
+                image = _finish(opened, name, stacklevel=4)
+                turned = image.size != decoded  # EXIF turned it by 90 degrees
+                image.info["original_size"] = stored[::-1] if turned else stored
+                return image
         except ImageLoadError:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
@@ -299,14 +325,31 @@ def _check_file(path: str, name: str) -> None:
         ) from None
     except OSError as error:
         raise ImageLoadError(f"cannot read {name}: {error.strerror or error}", path) from error
-    if os.path.isdir(path):
+    if stat.S_ISDIR(info.st_mode):
         raise ImageLoadError(
             f"cannot read {name}: it is a folder, not a file; pass image files, or expand "
             "folders with collect_inputs",
             path,
         )
+    if not stat.S_ISREG(info.st_mode):
+        raise ImageLoadError(
+            f"cannot read {name}: it is {_special_kind(info.st_mode)}, not a regular file; "
+            "camlens opens only regular files (a pipe or device could block forever)",
+            path,
+        )
     if info.st_size == 0 and os.path.isfile(path):
         raise ImageLoadError(f"cannot read {name}: the file is empty (0 bytes)", path)
+
+
+def _special_kind(mode: int) -> str:
+    """What a file that is neither regular nor a folder is, in words."""
+    kinds = (
+        (stat.S_ISFIFO, "a named pipe (FIFO)"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    )
+    return next((text for test, text in kinds if test(mode)), "a special file")
 
 
 def _bomb_warnings_filter(max_pixels: int | None) -> None:
@@ -322,8 +365,8 @@ def _bomb_message(pixels: int | None, limit: int | None, name: str) -> str:
     count = f"{pixels:,} pixels" if pixels is not None else "too many pixels"
     above = f", above the limit of {limit:,}" if limit is not None else ""
     return (
-        f"cannot read {name}: it has {count}{above} (decompression-bomb protection); "
-        "if you trust the file, pass a larger max_pixels"
+        f"cannot read {name}: it has {count}{above} (the pixel budget: memory and "
+        f"decompression-bomb protection); {BUDGET_HINT}"
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from camlens.defaults import DEFAULT_BATCH_SIZE, ENGINES
+from camlens.defaults import DEFAULT_BATCH_SIZE, DEFAULT_MAX_PIXELS, ENGINES
 from camlens.errors import ConfigError
 from camlens.models.devices import check_device
 
@@ -28,6 +28,8 @@ class RunOptions:
         resume: continue an interrupted run in the output folder (same settings and inputs).
         overwrite: remove what camlens wrote in the output folder before, and start again.
         progress: show a progress bar on stderr.
+        max_pixels: the pixel budget: an input with more pixels is an error record (memory
+            and decompression-bomb protection); None: only Pillow's own limit.
         cli: errors name command-line options (``--resume``) instead of Python arguments
             (``resume=True``); set by the command line.
 
@@ -46,6 +48,7 @@ class RunOptions:
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
     cli: bool = False
 
     def __post_init__(self) -> None:
@@ -55,6 +58,8 @@ class RunOptions:
             )
         if int(self.batch_size) < 1:
             raise ConfigError(f"{self.spell('batch_size', '')} must be at least 1")
+        if self.max_pixels is not None and int(self.max_pixels) < 1:
+            raise ConfigError(f"{self.spell('max_pixels', '')} must be at least 1 (or None)")
         if self.workers is not None and int(self.workers) < 1:
             raise ConfigError(f"{self.spell('workers', '')} must be at least 1")
         check_device(self.device)

@@ -13,6 +13,10 @@ import warnings
 from PIL import Image, UnidentifiedImageError
 
 from camlens.io import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
+from camlens.io.images import BUDGET_HINT
+
+#: What a web user is told about the pixel budget: the server sets it, not them.
+SERVER_BUDGET = "send a smaller image (the server's limit is set by its --max-pixels)"
 
 _PIXELS_RE = re.compile(r"\((\d+) pixels\)")
 _NAME_MAX = 80
@@ -78,7 +82,8 @@ def decode_upload(
     try:
         return load_image(opened, max_pixels=max_pixels)
     except ImageLoadError as error:
-        raise ImageLoadError(error.message.replace("the in-memory image", label)) from error
+        message = error.message.replace("the in-memory image", label)
+        raise ImageLoadError(message.replace(BUDGET_HINT, SERVER_BUDGET)) from error
     finally:
         opened.close()
 
@@ -90,4 +95,7 @@ def _bomb_message(pillow_message: str, max_pixels: int | None, label: str) -> st
     hard_limit = 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else None
     limits = [value for value in (max_pixels, hard_limit) if value is not None]
     above = f", above the limit of {min(limits):,}" if limits else ""
-    return f"cannot read {label}: it has {count}{above} (decompression-bomb protection)"
+    return (
+        f"cannot read {label}: it has {count}{above} (the pixel budget: memory and "
+        f"decompression-bomb protection); {SERVER_BUDGET}"
+    )

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from camlens.defaults import DEFAULT_MAX_PIXELS
 from camlens.io.annotations import Annotation
 from camlens.localize import normalize_maps
 from camlens.methods import make_method
@@ -61,6 +62,7 @@ class AuditTask:
         audited: the classes to search (None: all).
         described: further settings a resume must match (the data folder, how classes were
             found, the annotations' file...), recorded with the task's own.
+        max_pixels: the pixel budget of an image (larger ones are error records).
     """
 
     model: Classifier | str
@@ -73,6 +75,7 @@ class AuditTask:
     annotations: tuple[Annotation, ...] = ()
     audited: frozenset[int] | None = None
     described: dict[str, Any] = field(default_factory=dict)
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
 
     name: ClassVar[str] = "audit-maps"
     records_file: ClassVar[str] = "maps.jsonl"
@@ -87,6 +90,7 @@ class AuditTask:
             **self.described,
             "seed": self.seed,
             **asdict(self.search),
+            "max_pixels": self.max_pixels,
         }
 
     def describe(self, item: AuditInput) -> Any:
@@ -170,7 +174,7 @@ class AuditWorker:
 
     def load(self, item: Item) -> Loaded:
         index, (source, _) = item
-        return load_input(self.classifier, index, source)
+        return load_input(self.classifier, index, source, max_pixels=self.task.max_pixels)
 
     def process(self, batch: Sequence[Item], loaded: Sequence[Loaded]) -> list[dict[str, Any]]:
         records = {

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from camlens.defaults import DEFAULT_MAX_PIXELS
 from camlens.io import ImageLoadError, load_image
 from camlens.models import Classifier, load_model
 from camlens.models.fingerprint import model_fingerprint
@@ -25,15 +26,36 @@ class Loaded:
     image: Image.Image | None = None
     tensor: torch.Tensor | None = None
     error: str | None = None
+    size: tuple[int, int] | None = None
 
 
-def load_input(classifier: Classifier, index: int, source: str | os.PathLike) -> Loaded:
-    """Decode and preprocess one input; a bad file becomes a ``Loaded`` with ``error``."""
+def load_input(
+    classifier: Classifier,
+    index: int,
+    source: str | os.PathLike,
+    *,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    display_side: int | None = None,
+) -> Loaded:
+    """Decode and preprocess one input; a bad file becomes a ``Loaded`` with ``error``.
+
+    Parameters:
+        classifier: the model (its preprocessing).
+        index, source: the input's position and path.
+        max_pixels: the pixel budget (``load_image``).
+        display_side: keep ``image`` at most this long (the longest side; a JPEG is decoded
+            at a reduced scale when it is much larger); ``size`` stays the original's.
+    """
     try:
-        image = load_image(source)
+        image = load_image(source, max_pixels=max_pixels, needed_side=display_side)
     except ImageLoadError as error:
         return Loaded(index, str(source), error=str(error))
-    return Loaded(index, str(source), image=image, tensor=classifier.preprocess(image))
+    size = tuple(image.info.get("original_size", image.size))
+    tensor = classifier.preprocess(image)
+    if display_side and max(image.size) > display_side:
+        image = image.copy()
+        image.thumbnail((display_side, display_side), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    return Loaded(index, str(source), image=image, tensor=tensor, size=size)
 
 
 def worker_model(model: Classifier | str, device: str | None = None) -> Classifier:

@@ -48,6 +48,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from camlens.defaults import DEFAULT_MAX_PIXELS
 from camlens.errors import ConfigError
 from camlens.io import ImageLoadError, load_image
 from camlens.io.annotations import Annotation, load_annotations
@@ -110,6 +111,7 @@ class EvaluateTask:
         method_options: keyword arguments of the methods; each method receives those its
             class takes.
         source: the annotations' path, for the summary.
+        max_pixels: the pixel budget of an image (larger ones are error records).
     """
 
     model: Classifier | str
@@ -118,6 +120,7 @@ class EvaluateTask:
     layer: str | None = None
     method_options: dict[str, Any] = field(default_factory=dict)
     source: str = "(in memory)"
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
 
     name: ClassVar[str] = "evaluate"
     records_file: ClassVar[str] = RECORDS_FILE
@@ -139,6 +142,7 @@ class EvaluateTask:
             "layer": self.layer,
             "metrics": list(self.metric_settings.metrics),
             **self.metric_settings.as_dict(),
+            "max_pixels": self.max_pixels,
         }
 
     def describe(self, item: Work) -> Any:
@@ -233,7 +237,7 @@ class _EvaluateWorker:
     def load(self, item: Item) -> Image.Image | ImageLoadError:
         """The decoded image, or the error that prevented it."""
         try:
-            return load_annotated_image(item[1].annotation)
+            return load_annotated_image(item[1].annotation, self.task.max_pixels)
         except ImageLoadError as error:
             return error
 
@@ -420,10 +424,12 @@ def class_ids(annotation: Annotation, classifier: Classifier) -> tuple[int | Non
     return tuple(ids)
 
 
-def load_annotated_image(annotation: Annotation) -> Image.Image:
-    """The image of ``annotation``; an ``ImageLoadError`` when it cannot be read or its size
-    changed since the annotations were read."""
-    image = load_image(annotation.image)
+def load_annotated_image(
+    annotation: Annotation, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> Image.Image:
+    """The image of ``annotation``; an ``ImageLoadError`` when it cannot be read (or is over
+    the pixel budget) or its size changed since the annotations were read."""
+    image = load_image(annotation.image, max_pixels=max_pixels)
     if annotation.size is not None and image.size != tuple(annotation.size):
         raise ImageLoadError(
             f"the image is {image.size[0]}x{image.size[1]} but was "

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import torch
 from PIL import Image
 
+from camlens.defaults import DEFAULT_MAX_PIXELS, DEFAULT_OVERLAY_SIZE
 from camlens.errors import ConfigError
 from camlens.explanation import Explanation
 from camlens.methods import make_method
@@ -31,7 +32,8 @@ __all__ = ["ExplainTask", "Style", "error_record", "write_image_outputs"]
 
 @dataclass(frozen=True)
 class Style:
-    """How overlays look: matplotlib colormap, opacity, and the box threshold.
+    """How overlays look: matplotlib colormap, opacity, the box threshold, and the longest
+    side of an overlay (``overlay_size``; 0: the original size; boxes stay in original pixels).
 
     Example:
         >>> Style(colormap="inferno").check().colormap
@@ -41,6 +43,7 @@ class Style:
     colormap: str = "jet"
     alpha: float = 0.5
     threshold: float = 0.2
+    overlay_size: int = DEFAULT_OVERLAY_SIZE
 
     def check(self) -> Style:
         """This style, after checking it (an unknown colormap is a ``ConfigError``)."""
@@ -49,6 +52,8 @@ class Style:
             raise ConfigError(f"alpha must be in [0, 1], got {self.alpha}")
         if not 0.0 <= self.threshold < 1.0:
             raise ConfigError(f"the box threshold must be in [0, 1), got {self.threshold}")
+        if self.overlay_size < 0:
+            raise ConfigError(f"overlay_size must be >= 0 (0: original), got {self.overlay_size}")
         return self
 
 
@@ -61,6 +66,7 @@ class ExplainTask:
         method, target, layer, method_options: as in ``camlens.explain``.
         style: how overlays look.
         figures: also write one figure per input with all its maps side by side.
+        max_pixels: the pixel budget of an input (larger ones are error records).
     """
 
     model: Classifier | str
@@ -70,6 +76,7 @@ class ExplainTask:
     method_options: dict[str, Any] = field(default_factory=dict)
     style: Style = field(default_factory=Style)
     figures: bool = False
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
 
     name: ClassVar[str] = "explain"
     records_file: ClassVar[str] = "results.jsonl"
@@ -84,6 +91,7 @@ class ExplainTask:
             "layer": self.layer,
             "style": asdict(self.style),
             "figures": self.figures,
+            "max_pixels": self.max_pixels,
         }
 
     def describe(self, item: Any) -> Any:
@@ -118,7 +126,14 @@ class _ExplainWorker:
         check_target(task.target, self.classifier.labels)
 
     def load(self, item: Item) -> Loaded:
-        return load_input(self.classifier, *item)
+        index, source = item
+        return load_input(
+            self.classifier,
+            index,
+            source,
+            max_pixels=self.task.max_pixels,
+            display_side=self.task.style.overlay_size or None,
+        )
 
     def process(self, batch: Sequence[Item], loaded: Sequence[Loaded]) -> list[dict[str, Any]]:
         good = [item for item in loaded if item.error is None]
@@ -134,6 +149,7 @@ class _ExplainWorker:
                 self.classifier.labels,
                 images=[item.image for item in good],
                 sources=[item.source for item in good],
+                sizes=[item.size for item in good],
             )
             for i, item in enumerate(good):
                 records[item.index] = write_image_outputs(
