@@ -43,7 +43,7 @@ if args["engine"] == "ray":
 ready = time.perf_counter()
 from camlens.tasks.explain import Style
 options = camlens.RunOptions(batch_size=16, progress=False, overwrite=True, **kwargs)
-style = Style(overlay_size=args.get("overlay_size", 2048))
+style = Style(overlay_size=args.get("overlay_size", 2000))
 summary = camlens.run_explain("efficientnet_lite0", [args["inputs"]], args["out"],
                               style=style, options=options)
 done = time.perf_counter()
@@ -74,7 +74,7 @@ def make_big_photos(folder: Path, n: int, size: tuple[int, int] = (4000, 3000)) 
 
 
 def measure(
-    inputs: Path, out: Path, engine: str, workers: int = 1, overlay_size: int = 2048
+    inputs: Path, out: Path, engine: str, workers: int = 1, overlay_size: int = 2000
 ) -> dict:
     args = {
         "inputs": str(inputs), "out": str(out), "engine": engine, "workers": workers,
@@ -111,7 +111,7 @@ def main() -> None:
             print(n, result, flush=True)
         big_inputs = make_big_photos(tmp / "big", 5 if args.quick else 20)
         big = []
-        for overlay_size in (2048, 0):
+        for overlay_size in (2000, 0):
             out = tmp / f"big-out{overlay_size}"
             result = measure(big_inputs, out, "local", overlay_size=overlay_size)
             overlay = max((out / "overlays").iterdir(), key=lambda p: p.stat().st_size)

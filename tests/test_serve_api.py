@@ -21,9 +21,9 @@ import camlens
 from camlens.cli import main
 from camlens.io.samples import SAMPLES, sample_image
 from camlens.methods import METHODS, ScoreCAM
-from camlens.render import colorize, overlay
+from camlens.render import colorize, colormap_indices, colormap_table, overlay
 from camlens.serve import create_app
-from camlens.serve.jobs import PAGE_COLORMAPS, colormap_indices, colormap_table, fit_within
+from camlens.serve.jobs import PAGE_COLORMAPS, fit_within
 from camlens.serve.limits import BodySizeLimit
 from camlens.serve.uploads import decode_upload
 from image_corpus import bilevel_png_bytes

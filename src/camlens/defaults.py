@@ -22,5 +22,6 @@ LABEL_SOURCES = ("auto", "folders", "predictions")
 DEFAULT_MAX_PIXELS = 40_000_000
 
 #: The longest side of an overlay ``camlens explain`` writes (``--overlay-size``; 0: the
-#: original size). Boxes stay in original-image pixels.
-DEFAULT_OVERLAY_SIZE = 2048
+#: original size). Boxes stay in original-image pixels. 2000, not 2048: a 12-megapixel photo
+#: (4000 x 3000) then decodes at half scale (JPEG), which halves the time and the memory.
+DEFAULT_OVERLAY_SIZE = 2000

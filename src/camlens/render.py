@@ -8,6 +8,7 @@ thread-safe and needs no GUI backend.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Sequence
@@ -20,9 +21,19 @@ from PIL import Image, ImageDraw
 
 from camlens.writers import atomic_path
 
-__all__ = ["colorize", "overlay", "save_figure", "topk_figure"]
+__all__ = [
+    "colorize",
+    "colormap_indices",
+    "colormap_table",
+    "overlay",
+    "save_figure",
+    "topk_figure",
+]
 
 _SUGGESTED_COLORMAPS = ("jet", "viridis", "inferno", "magma", "turbo")
+
+#: Rows of an overlay blended at once (float64 work of a few tens of MB on the widest photos).
+_BLEND_ROWS = 512
 
 #: Width of one panel of :func:`topk_figure`, in inches.
 PANEL_INCHES = 3.0
@@ -56,13 +67,44 @@ def colorize(heatmap: np.ndarray, colormap: str = "jet") -> np.ndarray:
     >>> rgb[0, 0].tolist()  # the dark blue end of "jet"
     [0, 0, 128]
     """
-    cmap = _get_colormap(colormap)
-    values = np.asarray(heatmap, dtype=np.float64)
+    values = np.asarray(heatmap)
     if values.ndim != 2:
         raise ValueError(f"heatmap must be a 2-D (H, W) array, got shape {values.shape}")
+    table = colormap_table(colormap)
+    return table[colormap_indices(values, len(table))]
+
+
+@functools.lru_cache(maxsize=32)
+def colormap_table(colormap: str = "jet") -> np.ndarray:
+    """The colours of a colour map's entries, (N, 3) uint8 (N = 256 for the usual maps), each
+    channel rounded to the nearest of 0..255: ``colorize(m) == table[colormap_indices(m)]``.
+
+    Example:
+        >>> colormap_table("jet").shape
+        (256, 3)
+    """
+    cmap = _get_colormap(colormap)
+    table = np.rint(cmap(np.arange(cmap.N))[:, :3] * 255.0).astype(np.uint8)
+    table.flags.writeable = False
+    return table
+
+
+def colormap_indices(heatmap: np.ndarray, n: int = 256) -> np.ndarray:
+    """The entry of an ``n``-colour map each value of a map in [0, 1] takes, as matplotlib
+    picks it: ``min(floor(n * v), n - 1)`` (NaN as 0, values clipped to [0, 1]); uint16 for
+    the table look-up, uint8 when ``n <= 256``. Computed in the map's own float precision (no
+    float64 copy of a large map).
+
+    Example:
+        >>> colormap_indices(np.array([[0.0, 0.5, 1.0]])).tolist()
+        [[0, 128, 255]]
+    """
+    values = np.asarray(heatmap)
+    if values.dtype not in (np.float32, np.float64):
+        values = values.astype(np.float64)
     values = np.clip(np.nan_to_num(values, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
-    rgba = cmap(values)  # (H, W, 4) float in [0, 1]
-    return np.rint(rgba[..., :3] * 255.0).astype(np.uint8)
+    indices = np.minimum(values * n, n - 1)  # scaling by n is exact for powers of two
+    return indices.astype(np.uint8 if n <= 256 else np.uint16)
 
 
 def overlay(
@@ -134,10 +176,14 @@ def overlay(
             f"heatmap shape {heat.shape} does not match the image's (height, width) {expected}; "
             "resize the heat map to the image first"
         )
-    base = np.asarray(image.convert("RGB"), dtype=np.float64)
-    colours = colorize(heat, colormap).astype(np.float64)
-    blended = (1.0 - alpha) * base + alpha * colours
-    out = Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8), mode="RGB")
+    base = np.asarray(image.convert("RGB"))
+    colours = colorize(heat, colormap)
+    blended = np.empty_like(base)
+    for start in range(0, base.shape[0], _BLEND_ROWS):  # bounded float64 work on large photos
+        rows = slice(start, start + _BLEND_ROWS)
+        mixed = (1.0 - alpha) * base[rows].astype(np.float64) + alpha * colours[rows]
+        blended[rows] = np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
+    out = Image.fromarray(blended, mode="RGB")
     if box is not None:
         _draw_box(out, box, box_color, box_width)
     return out
@@ -230,8 +276,10 @@ def save_figure(figure: Figure, path: str | os.PathLike, dpi: int = 100) -> Path
     Examples
     --------
     >>> fig = topk_figure(Image.new("RGB", (8, 8)), [], [])
-    >>> save_figure(fig, tmp_path / "fig.png")  # doctest: +SKIP
-    PosixPath('.../fig.png')
+    >>> save_figure(fig, "figures/fig.png")
+    PosixPath('figures/fig.png')
+    >>> Image.open("figures/fig.png").size  # pixels at dpi=100
+    (300, 350)
     """
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=dpi, facecolor="white")

@@ -30,6 +30,7 @@ from camlens.io import DEFAULT_MAX_PIXELS, ImageLoadError
 from camlens.io.samples import SAMPLES
 from camlens.methods import METHODS, get_method
 from camlens.models import Classifier
+from camlens.render import colormap_table
 from camlens.serve import schemas
 from camlens.serve.docs import offline_fastapi
 from camlens.serve.jobs import (
@@ -39,7 +40,6 @@ from camlens.serve.jobs import (
     ExplainRequest,
     check_colormap,
     check_sample,
-    colormap_table,
     parse_target,
     run_request,
 )
@@ -103,8 +103,18 @@ def create_app(
         ConfigError: duplicate model names or a ``models_dir`` that is not a folder.
 
     Example:
-        >>> import uvicorn
-        >>> uvicorn.run(create_app(["efficientnet_lite0"]), host="127.0.0.1", port=8000)
+        >>> from fastapi.testclient import TestClient
+        >>> client = TestClient(create_app(["efficientnet_lite0"]))
+        >>> with open("cat.jpg", "rb") as photo:
+        ...     response = client.post("/api/explain", files={"file": photo},
+        ...                            data={"target": "top1"})
+        >>> prediction = response.json()["predictions"][0]
+        >>> prediction["class"], prediction["label"]
+        (285, 'Egyptian cat')
+        >>> client.get("/healthz").json()["models_loaded"]
+        ['efficientnet_lite0']
+        >>> import uvicorn  # serve it on 127.0.0.1:8000, until interrupted:
+        >>> uvicorn.run(create_app(), port=8000)  # doctest: +SKIP
     """
     renamed = {"workers": "threads", "perturbation_channels": "max_channels"}
     for old in deprecated:

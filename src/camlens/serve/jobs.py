@@ -28,7 +28,7 @@ from camlens.explanation import Explanation
 from camlens.io import DEFAULT_MAX_PIXELS
 from camlens.io.samples import SAMPLES, sample_image
 from camlens.methods import make_method, options_for
-from camlens.render import colorize, overlay
+from camlens.render import colorize, colormap_indices, overlay
 from camlens.serve.models import ModelStore
 from camlens.serve.uploads import decode_upload
 
@@ -180,21 +180,6 @@ def explanation_payload(
         ],
         "maps": maps,
     }
-
-
-def colormap_indices(heatmap: np.ndarray) -> np.ndarray:
-    """(H, W) uint8 rows of a 256-colour table for a map in [0, 1]: ``min(255, floor(256 v))``.
-
-    ``colorize(heatmap, name) == colormap_table(name)[colormap_indices(heatmap)]`` exactly.
-    """
-    values = np.clip(np.nan_to_num(np.asarray(heatmap, np.float64), nan=0.0), 0.0, 1.0)
-    return np.minimum(np.floor(values * 256.0), 255.0).astype(np.uint8)
-
-
-def colormap_table(name: str) -> np.ndarray:
-    """(256, 3) uint8: the colours ``colorize`` gives to each row of ``colormap_indices``."""
-    centres = (np.arange(256, dtype=np.float64) + 0.5) / 256.0
-    return colorize(centres[None, :], name)[0]
 
 
 def fit_within(image: Image.Image, max_side: int) -> Image.Image:

@@ -53,8 +53,9 @@ def load_input(
     size = tuple(image.info.get("original_size", image.size))
     tensor = classifier.preprocess(image)
     if display_side and max(image.size) > display_side:
-        image = image.copy()
-        image.thumbnail((display_side, display_side), Image.Resampling.LANCZOS, reducing_gap=3.0)
+        scale = display_side / max(image.size)
+        shown = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        image = image.resize(shown, Image.Resampling.LANCZOS, reducing_gap=3.0)
     return Loaded(index, str(source), image=image, tensor=tensor, size=size)
 
 
