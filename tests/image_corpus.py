@@ -277,9 +277,9 @@ def make_corpus(directory: Path) -> dict[str, str | None]:
 
     Examples
     --------
-    >>> expected = make_corpus(tmp_path)  # doctest: +SKIP
-    >>> expected["empty.png"]  # doctest: +SKIP
-    'empty (0 bytes)'
+    >>> expected = make_corpus(Path("corpus"))
+    >>> expected["empty.png"], (Path("corpus") / "empty.png").stat().st_size
+    ('empty (0 bytes)', 0)
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ from tiny_models import SharedActNet
 def test_load_model_wraps_a_module_with_default_preprocess():
     module = SharedActNet()
     model = camlens.load_model(module, labels=list("abcde"), input_size=(16, 20))
-    assert model.module is module and not module.training
+    assert model.module is module and module.training  # the caller's module keeps its mode
     assert model.labels == ["a", "b", "c", "d", "e"]
     batch = model.preprocess([Image.new("RGB", (7, 3), (255, 0, 0))])
     assert batch.shape == (1, 3, 16, 20)
@@ -102,3 +102,25 @@ def test_explanation_save_follows_the_folder_rules(builtin_model, sample_photos,
         records[0]["maps"][0]["overlay"]
         == f"overlays/00000_image0_c{records[0]['maps'][0]['class']}.png"
     )
+
+
+def test_explaining_a_users_module_changes_nothing_on_it():
+    module = SharedActNet()
+    module.train()
+    module.dropout = torch.nn.Dropout(0.5)  # a module whose mode matters
+    frozen = next(module.parameters())
+    frozen.requires_grad_(False)
+    for parameter in module.parameters():
+        parameter.grad = torch.full_like(parameter, 0.25)
+    hooks = {name: len(m._forward_hooks) for name, m in module.named_modules()}
+    x = torch.randn(2, 3, 16, 16)
+    camlens.load_model(module)
+    for method in ("cam", "gradcam", "scorecam"):
+        camlens.explain(module, x, method=method)
+    assert all(m.training for m in module.modules())  # still in training mode
+    assert not frozen.requires_grad
+    assert all(p.requires_grad for p in list(module.parameters())[1:])
+    assert all(torch.equal(p.grad, torch.full_like(p, 0.25)) for p in module.parameters())
+    assert {name: len(m._forward_hooks) for name, m in module.named_modules()} == hooks
+    assert {p.device.type for p in module.parameters()} == {"cpu"}
+    assert {p.dtype for p in module.parameters()} == {torch.float32}

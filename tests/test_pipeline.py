@@ -375,3 +375,30 @@ def test_an_image_over_the_pixel_budget_is_an_error_record_naming_the_option(tmp
     assert (second["input"], second["status"]) == (str(photos[1]), "error")
     assert "2,352 pixels, above the limit of 2,320" in second["error"]
     assert "--max-pixels on the command line" in second["error"]
+
+
+def _two_classes(folder: Path) -> Path:
+    for label in ("a", "b"):
+        _noise_images(folder / label, 3)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "command", ["explain", "demo", "evaluate", "audit", "train", "make-dataset"]
+)
+def test_an_output_folder_that_cannot_be_written_is_one_line_and_exit_2(tmp_path, command):
+    photos = _noise_images(tmp_path / "in", 1)
+    csv = tmp_path / "boxes.csv"
+    csv.write_text(f"image,x0,y0,x1,y1,label\n{photos[0]},0,0,8,8,0\n")
+    out = "/proc/camlens-cannot-write-here"  # /proc refuses new entries, even for root
+    arguments = {
+        "explain": [str(photos[0])],
+        "demo": [],
+        "evaluate": [str(csv), "--method", "cam"],
+        "audit": [str(tmp_path / "in")],
+        "train": [str(_two_classes(tmp_path / "classes")), "--epochs", "1"],
+        "make-dataset": ["shapes", "--n", "6"],
+    }[command]
+    result = CliRunner().invoke(main, [command, *arguments, "--out", out])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and out in result.output

@@ -95,10 +95,14 @@ class LayerCapture(ForwardHook):
     forward runs under ``torch.no_grad()``. Parameters' ``.grad`` are never touched.
 
     Example:
+        >>> import torchvision
+        >>> model, x = torchvision.models.resnet18().eval(), torch.rand(1, 3, 224, 224)
         >>> with LayerCapture(model.layer4) as capture, torch.no_grad():
         ...     logits = model(x)
         >>> capture.activation.shape
         torch.Size([1, 512, 7, 7])
+        >>> len(model.layer4._forward_hooks)  # the hook is gone
+        0
     """
 
     def __init__(self, layer: nn.Module, *, call: int = -1, track_gradients: bool = False):

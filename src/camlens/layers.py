@@ -78,6 +78,7 @@ def find_cam_head(
         ConfigError: no layer returns a feature map, or the named layer does not exist.
 
     Example:
+        >>> import torchvision
         >>> head = find_cam_head(torchvision.models.resnet18(), torch.zeros(1, 3, 64, 64))
         >>> head.feature_layer, head.classifier, head.cam_exact
         ('layer4', 'fc', True)

@@ -271,9 +271,17 @@ def train_classifier(
             data.
 
     Example:
-        >>> result = train_classifier("shapes/images", "runs/shapes", TrainConfig(epochs=10))
-        >>> result.best_val_accuracy
-        0.983
+        >>> config = TrainConfig(epochs=1, image_size=32, seed=0)
+        >>> result = train_classifier("shapes/images", "model", config, progress=False)
+        >>> result.n_train, result.n_val, len(result.metrics["epochs"])
+        (48, 12, 1)
+        >>> more = TrainConfig(epochs=2, image_size=32, seed=0)  # continue for one epoch more
+        >>> result = train_classifier("shapes/images", "model", more, resume=True, progress=False)
+        >>> len(result.metrics["epochs"]), round(result.best_val_accuracy, 2)
+        (2, 0.5)
+        >>> sorted(p.name for p in Path("model").iterdir())  # doctest: +NORMALIZE_WHITESPACE
+        ['.camlens', 'config.json', 'metrics.json', 'model.safetensors', 'split.json',
+         'training_state.pt']
     """
     config = _checked(config or TrainConfig())
     out = Path(out)

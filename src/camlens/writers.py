@@ -46,8 +46,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only on success.
 
     Example:
-        >>> with atomic_path(out / "a.png") as tmp:
-        ...     image.save(tmp, format="PNG")
+        >>> with atomic_path("out/a.png") as tmp:
+        ...     Image.new("RGB", (8, 8)).save(tmp, format="PNG")
+        >>> with atomic_path("out/a.png") as tmp:  # a failed write keeps the old file
+        ...     Image.new("RGB", (16, 16)).save(tmp, format="PNG")
+        ...     raise OSError("disk full")
+        Traceback (most recent call last):
+        OSError: disk full
+        >>> os.listdir("out"), Image.open("out/a.png").size
+        (['a.png'], (8, 8))
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

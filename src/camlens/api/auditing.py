@@ -101,9 +101,17 @@ def audit(
             other settings than the interrupted run's (checked before anything is written).
 
     Example:
-        >>> result = camlens.audit("runs/shapes", "shapes/images", "audit_out")  # doctest: +SKIP
-        >>> [(f["class"], f["box"], f["flip_rate"], f["confirmed"]) for f in result["flags"]]  # doctest: +SKIP
-        [('square', [0.625, 0.0312, 1.0, 0.5312], 0.9091, True)]
+        >>> import camlens, os
+        >>> result = camlens.audit("runs/shapes", "shapes/images", "audit_out",
+        ...                        options=camlens.RunOptions(progress=False))
+        >>> result["n_images"], result["labels_from"], sorted(result["classes"])
+        (60, 'folders', ['circle', 'square', 'triangle'])
+        >>> [(f["class"], f["box"], f["confirmed"]) for f in result["flags"]][0]
+        ('square', [0.0, 0.4375, 0.4062, 1.0], False)
+        >>> print(result["summary"][0])  # runs/shapes trained 2 epochs: the tag is not learnt yet
+        No confirmed shortcut: 2 candidate region(s) were hot on many images at the same place, ...
+        >>> sorted(os.listdir("audit_out"))
+        ['.camlens', 'audit.json', 'figures', 'maps', 'maps.jsonl', 'report.html']
     """
     started = time.perf_counter()
     options = options or RunOptions()

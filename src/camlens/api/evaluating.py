@@ -138,15 +138,23 @@ def evaluate(
             model, bad annotations (all checked before anything is written); an output folder
             the rules refuse; a resume with other settings.
 
-    Example (the bundled photos, written to ``samples/`` first; a killed run continued):
-        >>> result = camlens.evaluate(  # doctest: +SKIP
-        ...     "efficientnet_lite0", "data/sample_boxes.csv", image_root="samples",
-        ...     methods=["cam"], metrics="localization")
-        >>> round(result["methods"]["cam"]["maxboxacc"], 3)  # doctest: +SKIP
-        0.667
-        >>> result = camlens.evaluate(  # doctest: +SKIP
-        ...     "efficientnet_lite0", "boxes.csv", out_dir="ev",
-        ...     options=camlens.RunOptions(engine="ray", resume=True))
+    Example (three photos, four boxes in ``boxes.csv``; then the same run resumed):
+        >>> import camlens, os
+        >>> result = camlens.evaluate(
+        ...     "efficientnet_lite0", "boxes.csv", methods=["cam"], metrics="localization",
+        ...     out_dir="ev", options=camlens.RunOptions(progress=False))
+        >>> result["n_images"], result["n_instances"]
+        (3, 4)
+        >>> {k: round(result["methods"]["cam"][k], 2) for k in ("maxboxacc", "top1_loc")}
+        {'maxboxacc': 1.0, 'top1_loc': 0.33}
+        >>> sorted(os.listdir("ev"))  # doctest: +NORMALIZE_WHITESPACE
+        ['.camlens', 'curves', 'evaluation.jsonl', 'gallery', 'metrics.json', 'parts',
+         'report.html']
+        >>> again = camlens.evaluate(  # a killed run continues after its last complete batch
+        ...     "efficientnet_lite0", "boxes.csv", methods=["cam"], metrics="localization",
+        ...     out_dir="ev", options=camlens.RunOptions(resume=True, progress=False))
+        >>> again["methods"] == result["methods"]  # engine="ray" gives the same numbers too
+        True
     """
     options = options or RunOptions()
     folder = job_folder(out_dir, options) if out_dir is not None else None

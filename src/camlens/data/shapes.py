@@ -188,10 +188,15 @@ def make_shapes_dataset(
             without ``overwrite``, or holds a file of yours where the data set writes one.
 
     Example:
-        >>> info = make_shapes_dataset("shapes", ShapesConfig(n=300, shortcut="corner-tag",
+        >>> import os
+        >>> info = make_shapes_dataset("tagged", ShapesConfig(n=60, size=32, shortcut="corner-tag",
         ...                            shortcut_class="square", shortcut_rate=0.9))
-        >>> info["shortcut"]["n_images"]
-        90
+        >>> info["shortcut"]["per_class"], info["shortcut"]["position"]
+        ({'circle': 0, 'square': 18, 'triangle': 0}, 'bottom-left')
+        >>> sorted(os.listdir("tagged"))
+        ['.camlens', 'annotations.csv', 'dataset.json', 'images', 'masks']
+        >>> sorted(os.listdir("tagged/images"))
+        ['circle', 'square', 'triangle']
     """
     folder = OutputFolder(out, spell=spelling(cli, "out"))
     folder.check(resume=False, overwrite=overwrite, resumable=False)

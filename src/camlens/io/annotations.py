@@ -169,9 +169,13 @@ def load_annotations(
             the message names the file and row.
 
     Example:
-        >>> items = load_annotations("data/sample_boxes.csv", image_root="samples")  # doctest: +SKIP
-        >>> items[0].labels  # doctest: +SKIP
-        ['Egyptian cat']
+        >>> print(open("boxes.csv").read().splitlines()[1])
+        photos/cat.jpg,0,0,398,300,Egyptian cat
+        >>> items = load_annotations("boxes.csv")  # image paths relative to the CSV's folder
+        >>> len(items), str(items[0].image), items[0].labels, items[0].size
+        (3, 'photos/cat.jpg', ['Egyptian cat'], (451, 300))
+        >>> items[2].classes(), items[2].boxes_for("crash helmet")
+        (['space shuttle', 'crash helmet'], [(275.0, 343.0, 508.0, 512.0)])
     """
     path = Path(path)
     root = Path(image_root) if image_root is not None else None

@@ -74,9 +74,9 @@ def scan_image_folder(root: str | os.PathLike) -> ImageFolder:
             folder has no image files.
 
     Example:
-        >>> data = scan_image_folder("shapes/images")
-        >>> data.classes, len(data.paths)
-        (['circle', 'square', 'triangle'], 600)
+        >>> data = scan_image_folder("shapes/images")  # shapes/images/<class>/<image>
+        >>> data.classes, len(data.paths), data.targets[:3]
+        (['circle', 'square', 'triangle'], 60, [0, 0, 0])
     """
     root = Path(root)
     if not root.is_dir():
@@ -121,9 +121,14 @@ def load_images(
     ``skipped``; images of any size and mode are converted to RGB and resized.
 
     Example:
-        >>> loaded = load_images(data.paths, data.targets, (64, 64))
-        >>> loaded.images.shape, len(loaded.skipped)
-        (torch.Size([600, 3, 64, 64]), 0)
+        >>> data = scan_image_folder("shapes/images")
+        >>> loaded = load_images(data.paths, data.targets, (32, 32))
+        >>> loaded.images.shape, loaded.images.dtype, len(loaded.skipped)
+        (torch.Size([60, 3, 32, 32]), torch.uint8, 0)
+        >>> _ = Path("broken.png").write_bytes(b"not a png")
+        >>> loaded = load_images([data.paths[0], Path("broken.png")], [0, 1], (32, 32))
+        >>> len(loaded.images), loaded.skipped[0][0]
+        (1, PosixPath('broken.png'))
     """
     height, width = size
     arrays, kept_targets, kept_paths, skipped = [], [], [], []

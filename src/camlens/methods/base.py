@@ -117,9 +117,22 @@ class CAMMethod:
             value range ``max(x_n) - min(x_n)`` (0.15, SmoothGrad's recommended level).
 
     Example:
+        >>> from torch import nn
+        >>> from camlens.methods import CAM, GradCAM
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+        ...                       nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+        >>> x = torch.rand(2, 3, 16, 16)
         >>> with GradCAM(model) as method:
         ...     raw = method(x, "top1")
+        >>> raw.shape  # (N, K, h, w), signed and un-normalised, at the feature layer's size
+        torch.Size([2, 1, 16, 16])
+        >>> method.head.feature_layer, method.head.classifier  # found automatically
+        ('1', '4')
+        >>> torch.allclose(CAM(model)(x), raw * 16 * 16, atol=1e-5)  # GAP + FC: Grad-CAM x hw
+        True
         >>> smooth = GradCAM(model, smooth=8)(x, "top1")  # noise from torch's global RNG
+        >>> smooth.shape
+        torch.Size([2, 1, 16, 16])
     """
 
     name: ClassVar[str] = "base"

@@ -79,8 +79,10 @@ def map_similarity(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
 
     Example:
         >>> m = np.random.default_rng(0).random((16, 16))
-        >>> map_similarity(m, m)
-        (1.0, 1.0)
+        >>> [round(v, 6) for v in map_similarity(m, m)]
+        [1.0, 1.0]
+        >>> [round(v, 2) for v in map_similarity(m, m**2)]  # the same ranking, other values
+        [1.0, 0.91]
     """
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
@@ -109,6 +111,7 @@ def randomization_stages(
     (the classifier) always alone.
 
     Example:
+        >>> import torchvision
         >>> randomization_stages(torchvision.models.resnet18(), torch.zeros(1, 3, 64, 64))[:3]
         [['fc'], ['layer4.1.bn2', 'layer4.1.conv2', 'layer4.1.bn1', 'layer4.1.conv1'], ...]
     """
@@ -176,10 +179,14 @@ def cascading_randomization(
         model re-initialised.
 
     Example:
+        >>> import camlens
         >>> model = camlens.load_model()                   # EfficientNet-Lite0: 21 blocks
+        >>> x = model.preprocess(["cat.jpg"])
         >>> stages = cascading_randomization(model, x, "gradcam", stages=4)
         >>> [s.stage for s in stages]
         ['_fc', '_bn1', '_blocks.11', '_blocks.4']
+        >>> [round(s.spearman, 2) for s in stages]  # falls as more of the model is random
+        [0.71, 0.46, 0.45, 0.11]
     """
     if isinstance(model, nn.Module):  # wrap without load_model, which sets eval mode
         classifier = Classifier(module=model, labels=[], name=type(model).__name__)

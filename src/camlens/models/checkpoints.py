@@ -45,9 +45,12 @@ def is_torchscript(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a TorchScript archive (it holds ``code/`` and ``constants.pkl``).
 
     Example:
+        >>> model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        ...                       nn.Linear(4, 2))
         >>> torch.jit.script(model).save("model.ts")
-        >>> is_torchscript("model.ts")
-        True
+        >>> torch.save(model.state_dict(), "weights.pt")
+        >>> is_torchscript("model.ts"), is_torchscript("weights.pt")
+        (True, False)
     """
     if not zipfile.is_zipfile(path):
         return False
@@ -72,8 +75,10 @@ def read_state_dict(path: str | os.PathLike, *, trust_model: bool = False) -> St
         ConfigError: the file cannot be read, holds no tensors, or needs ``trust_model``.
 
     Example:
-        >>> torch.save(model.state_dict(), "weights.pt")
-        >>> read_state_dict("weights.pt")["fc.weight"].shape
+        >>> import torchvision
+        >>> model = torchvision.models.resnet18(num_classes=3)
+        >>> torch.save({"epoch": 9, "state_dict": model.state_dict()}, "checkpoint.pt")
+        >>> read_state_dict("checkpoint.pt")["fc.weight"].shape  # found under "state_dict"
         torch.Size([3, 512])
     """
     path = Path(path)
@@ -110,8 +115,17 @@ def load_model_file(path: str | os.PathLike, *, trust_model: bool = False) -> nn
             ``trust_model``.
 
     Example:
+        >>> model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        ...                       nn.Linear(4, 2))
         >>> torch.jit.script(model).save("model.ts")
-        >>> load_model_file("model.ts")(x)
+        >>> load_model_file("model.ts")(torch.zeros(1, 3, 8, 8)).shape
+        torch.Size([1, 2])
+        >>> torch.save(model, "whole.pt")  # a pickled module: reading it runs code
+        >>> load_model_file("whole.pt")
+        Traceback (most recent call last):
+        camlens.errors.ConfigError: whole.pt holds pickled Python objects ...
+        >>> type(load_model_file("whole.pt", trust_model=True)).__name__
+        'Sequential'
     """
     path = Path(path)
     if is_torchscript(path):

@@ -63,7 +63,9 @@ class Classifier:
         ``(x - mean) / std``.
 
         Example:
-            >>> model.preprocess(["cat.jpg", "dog.png"]).shape
+            >>> import camlens
+            >>> model = camlens.load_model()
+            >>> model.preprocess(["cat.jpg", "photos/coffee.jpg"]).shape
             torch.Size([2, 3, 224, 224])
         """
         if isinstance(images, (str, os.PathLike, Image.Image)):

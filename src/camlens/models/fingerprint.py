@@ -16,6 +16,7 @@ def model_fingerprint(classifier: Classifier) -> dict[str, Any]:
     same name is not enough: a folder may have been trained again).
 
     Example:
+        >>> from camlens.models import load_model
         >>> sorted(model_fingerprint(load_model("efficientnet_lite0")))
         ['labels_sha256', 'model', 'model_sha256']
     """

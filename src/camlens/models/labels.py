@@ -30,8 +30,11 @@ def read_labels(path: str | os.PathLike) -> list[str]:
         ConfigError: the file is missing, not valid JSON, or its indices are not 0..n-1.
 
     Example:
-        >>> Path("labels.txt").write_text("cat\\ndog\\n")
+        >>> _ = Path("labels.txt").write_text("cat\\ndog\\n")
         >>> read_labels("labels.txt")
+        ['cat', 'dog']
+        >>> _ = Path("classes.json").write_text('{"dog": 1, "cat": 0}')  # ImageFolder.class_to_idx
+        >>> read_labels("classes.json")
         ['cat', 'dog']
     """
     path = Path(path)

@@ -96,9 +96,25 @@ def load_model(
 
     Example:
         >>> model = load_model()                      # EfficientNet-Lite0, ImageNet
+        >>> model.labels[285], model.input_size
+        ('Egyptian cat', (224, 224))
+        >>> import torchvision
+        >>> from safetensors.torch import save_file
+        >>> save_file(torchvision.models.resnet18(num_classes=2).state_dict(),
+        ...           "fine_tuned.safetensors")  # your own fine-tuned weights
+        >>> _ = Path("classes.txt").write_text("cat\\ndog\\n")
         >>> model = load_model("torchvision:resnet18", weights="fine_tuned.safetensors",
         ...                    labels="classes.txt")
+        >>> model.name, model.labels
+        ('torchvision:resnet18', ['cat', 'dog'])
+        >>> my_cnn = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+        ...                        nn.Flatten(), nn.Linear(8, 2))
         >>> model = load_model(my_cnn, labels=["cat", "dog"])
+        >>> model.module is my_cnn, my_cnn.training  # your module, as it was (methods switch
+        ...                                          # it to eval mode for each call only)
+        (True, True)
+        >>> load_model("runs/shapes").labels  # a folder written by camlens train
+        ['circle', 'square', 'triangle']
         >>> untrained = load_model("torchvision:resnet18", random_weights=True)  # a baseline
     """
     classifier = _build(spec, weights, num_classes, trust_model, random_weights)
@@ -119,7 +135,8 @@ def load_model(
         classifier.module.to(check_device(device))
     if not classifier.labels:
         classifier.labels = [str(i) for i in range(n_classes)] if n_classes else []
-    classifier.module.eval()
+    if not isinstance(spec, (Classifier, nn.Module)):
+        classifier.module.eval()  # a model camlens built; the caller's own module is untouched
     return classifier
 
 

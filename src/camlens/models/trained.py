@@ -218,9 +218,9 @@ def load_trained(path: str | Path, *, device: str | torch.device | None = None) 
         ConfigError: a missing or malformed file, or weights that do not fit the architecture.
 
     Example:
-        >>> model = load_trained("runs/shapes")
-        >>> model.labels
-        ['circle', 'square', 'triangle']
+        >>> model = load_trained("runs/shapes")  # written by camlens.train
+        >>> model.labels, model.input_size
+        (['circle', 'square', 'triangle'], (32, 32))
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file

@@ -68,10 +68,21 @@ class OutputFolder:
         spell: how to name an option in messages (``RunOptions.spell``).
 
     Example:
+        >>> from camlens.writers import write_text
         >>> folder = OutputFolder("out")
         >>> folder.open("explain", {"method": "cam"}, resume=False, overwrite=False)
         False
-        >>> write_png(folder.path("overlays/a.png"), image)  # recorded, then written
+        >>> write_text(folder.path("notes/a.txt"), "hello")  # recorded, then written
+        PosixPath('out/notes/a.txt')
+        >>> folder.close()
+        >>> _ = Path("out/mine.txt").write_text("a file of yours")
+        >>> OutputFolder("out").open("explain", {"method": "gradcam"}, resume=True, overwrite=False)
+        Traceback (most recent call last):
+        camlens.errors.ConfigError: cannot resume in 'out': the settings differ ... (method) - ...
+        >>> OutputFolder("out").open("explain", {"method": "gradcam"}, resume=False, overwrite=True)
+        False
+        >>> sorted(p.name for p in Path("out").iterdir())  # only what camlens wrote was removed
+        ['.camlens', 'mine.txt']
     """
 
     def __init__(self, path: str | os.PathLike, *, spell: Spell = _python_spelling) -> None:
@@ -158,7 +169,15 @@ class OutputFolder:
             if overwrite:
                 self.remove_previous()
             self._created_root = not self.root.exists()
-            self.root.mkdir(parents=True, exist_ok=True)
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                self._record(STATE_DIR + "/")  # proves the folder is writable, before any work
+            except OSError as error:
+                raise ConfigError(
+                    f"cannot write the output folder {str(self.root)!r}: "
+                    f"{error.strerror or error}; choose a folder you can write "
+                    f"({self.spell('out_dir', '')})"
+                ) from None
         self._prepared = not self._fresh
         return self._prepared
 
@@ -320,7 +339,7 @@ def check_same_settings(
     Example:
         >>> check_same_settings({"seed": 0}, {"seed": 1}, Path("out"))
         Traceback (most recent call last):
-        ConfigError: cannot resume in 'out': the settings differ ... (seed) - seed: 0 then, 1 now...
+        camlens.errors.ConfigError: cannot resume in 'out': ... (seed) - seed: 0 then, 1 now. ...
     """
     keys = [k for k in dict.fromkeys([*previous, *current]) if previous.get(k) != current.get(k)]
     if keys:

@@ -36,8 +36,11 @@ class RunOptions:
     Example:
         >>> RunOptions(batch_size=32, engine="ray", workers=4).engine
         'ray'
-        >>> RunOptions(resume=True).spell("overwrite")
-        'overwrite=True'
+        >>> RunOptions(resume=True).spell("overwrite"), RunOptions(cli=True).spell("overwrite")
+        ('overwrite=True', '--overwrite')
+        >>> RunOptions(engine="spark")
+        Traceback (most recent call last):
+        camlens.errors.ConfigError: unknown engine 'spark'; choose one of: local, ray
     """
 
     batch_size: int = DEFAULT_BATCH_SIZE

@@ -66,9 +66,16 @@ def run(
             before its first record leaves nothing behind.
 
     Example:
-        >>> result = run(ExplainTask(model), ["cat.jpg"], "out", RunOptions(batch_size=8))
-        >>> result.n_ok, result.exit_code
-        (1, 0)
+        >>> import camlens
+        >>> from camlens.tasks.explain import ExplainTask
+        >>> task = ExplainTask(camlens.load_model())
+        >>> inputs = ["photos/cat.jpg", "photos/coffee.jpg", "missing.jpg"]
+        >>> result = run(task, inputs, "out", RunOptions(batch_size=2, progress=False))
+        >>> result.n_ok, result.n_error, result.exit_code  # a missing file is an error record
+        (2, 1, 1)
+        >>> again = run(task, inputs, "out", RunOptions(batch_size=2, resume=True, progress=False))
+        >>> again.resumed, again.n_skipped  # nothing left to do
+        (True, 3)
     """
     options = options or RunOptions()
     items = list(inputs)

@@ -76,9 +76,29 @@ def write_audit_report(
     Returns:
         The path of ``report.html``.
 
-    Example:
-        >>> write_audit_report("audit_out", result, summary, log.records())  # doctest: +SKIP
+    Example (what ``camlens.audit`` does: the map pass, the counterfactuals, then the report
+    from the stored records; the model is not run again):
+        >>> import camlens, os
+        >>> from camlens.io.imagefolder import scan_image_folder
+        >>> from camlens.pipeline import RunOptions, run
+        >>> from camlens.shortcuts import AuditSettings, build_result
+        >>> from camlens.shortcuts.counterfactuals import confirm_findings
+        >>> from camlens.tasks.audit import AuditTask
+        >>> model, settings = camlens.load_model("runs/shapes"), AuditSettings()
+        >>> data = scan_image_folder("shapes/images")
+        >>> images = list(zip(map(str, data.paths), data.targets))
+        >>> folder = OutputFolder("audit_out")
+        >>> task, options = AuditTask(model, search=settings), RunOptions(progress=False)
+        >>> summary = run(task, images, "audit_out", options, folder=folder).summary
+        >>> confirm_findings(model, summary, settings)
+        >>> result = build_result(summary, model=model.name, method="cam", data="shapes/images",
+        ...                       labels_from="folders", n_found=len(images), annotations=None,
+        ...                       settings=settings, seed=0)
+        >>> records = folder.log(AuditTask.records_file, AuditTask.parts_dir).records()
+        >>> write_audit_report(folder, result, summary, records)
         PosixPath('audit_out/report.html')
+        >>> sorted(os.listdir("audit_out/figures")), sorted(result["classes"]["square"]["figures"])
+        (['classes', 'clusters', 'flags'], ['frequency', 'mean_map'])
     """
     folder = as_output_folder(out)
     labels = list(summary.labels)

@@ -101,7 +101,8 @@ def write_gallery(
 
     Examples
     --------
-    >>> write_gallery(out, records, subtitle="resnet50, CAM")  # doctest: +SKIP
+    >>> records = [{"input": "cat.jpg", "status": "error", "error": "bad JPEG"}]
+    >>> write_gallery("out", records, subtitle="resnet50, CAM")
     PosixPath('out/index.html')
     """
     html = render_gallery(records, title=title, subtitle=subtitle, figures=figures)

@@ -24,8 +24,13 @@ def render_template(name: str, **context: Any) -> str:
     """Render the template ``name`` of ``TEMPLATE_DIR`` with ``context``.
 
     Example:
-        >>> html = render_template("gallery.html.j2", title="t", subtitle="", summary="",
-        ...                        cards=[])  # doctest: +SKIP
+        >>> html = render_template("gallery.html.j2", title="<cats>", subtitle="", summary="",
+        ...                        cards=[])
+        >>> "<title>&lt;cats&gt;</title>" in html  # autoescaped
+        True
+        >>> render_template("gallery.html.j2", title="cats")
+        Traceback (most recent call last):
+        jinja2.exceptions.UndefinedError: 'subtitle' is undefined
     """
     return _environment().get_template(name).render(**context)
 

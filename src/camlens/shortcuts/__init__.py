@@ -13,10 +13,14 @@ The map pass itself is a task of the batch pipeline (``camlens.tasks.audit``) an
 job is ``camlens.audit`` (``camlens.api.auditing``).
 
 Example:
-    >>> import camlens  # doctest: +SKIP
-    >>> result = camlens.audit("runs/shapes", "shapes/images", "audit_out")  # doctest: +SKIP
-    >>> result["summary"][0]  # doctest: +SKIP
-    'Class circle depends on a fixed region in the upper left corner of the image ...'
+    >>> import camlens
+    >>> from camlens.shortcuts import describe_place
+    >>> result = camlens.audit("runs/shapes", "shapes/images")  # no out_dir: nothing written
+    >>> hotspot = result["classes"]["square"]["hotspots"][0]  # the squares carry a corner tag
+    >>> hotspot["kind"], hotspot["box"], describe_place(hotspot["box"])
+    ('fixed-region', [0.0, 0.4375, 0.4062, 1.0], 'in the lower left corner')
+    >>> hotspot["tests"]["paste"]["flip_rate"], hotspot["confirmed"]  # 2 epochs: not learnt yet
+    (0.05, False)
 """
 
 from camlens.lazy import lazy_exports

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from camlens.errors import ConfigError
+from camlens.hooks import preserved_state
 from camlens.metrics.faithfulness import gaussian_blur
 from camlens.models import Classifier
 from camlens.models.outputs import select_logits
@@ -265,7 +266,7 @@ def predict_probs(
     normalised as ``Classifier.preprocess`` normalises them (``Classifier.normalize``).
     """
     results = []
-    with torch.inference_mode():
+    with preserved_state(classifier.module), torch.inference_mode():
         for start in range(0, len(images), batch_size):
             x = classifier.normalize(images[start : start + batch_size])
             logits = select_logits(classifier.module(x), classifier.output)
@@ -469,9 +470,21 @@ def confirm_hotspot(
             audit tests several hotspots on the same images).
 
     Example:
-        >>> c = confirm_hotspot(model, 1, (0.625, 0.0312, 1.0, 0.5312), donors, recipients)  # doctest: +SKIP
-        >>> c.confirmed, round(c.paste.flip_rate, 2), c.paste.baseline_flip_rate  # doctest: +SKIP
-        (True, 0.91, 0.0)
+        >>> from torch import nn
+        >>> from camlens.models import load_model
+        >>> class CornerTag(nn.Module):  # a shortcut by construction: the upper right corner
+        ...     def forward(self, x):
+        ...         corner = x[:, :, :8, 24:].mean((1, 2, 3))
+        ...         return torch.stack([-corner, corner], 1) * 10
+        >>> model = load_model(CornerTag(), labels=["plain", "tagged"])
+        >>> recipients = torch.randint(0, 100, (40, 3, 32, 32), dtype=torch.uint8)  # dark noise
+        >>> donors = torch.randint(0, 100, (40, 3, 32, 32), dtype=torch.uint8)
+        >>> donors[:, :, :8, 24:] = 255  # the tag
+        >>> c = confirm_hotspot(model, 1, (0.75, 0.0, 1.0, 0.25), donors, recipients, erase="mean")
+        >>> c.confirmed, c.paste.flip_rate, c.paste.baseline_flip_rate  # vs. random regions
+        (True, 1.0, 0.0)
+        >>> round(c.erase.confidence_drop, 2), round(c.erase.baseline_drop, 2)
+        (1.0, 0.0)
     """
     rule = rule or ConfirmRule()
     rng = np.random.default_rng(seed)

@@ -64,9 +64,16 @@ def resolve_audit_items(
             name a class of the model.
 
     Example:
-        >>> items = resolve_audit_items("shapes/images", ["circle", "square", "triangle"])  # doctest: +SKIP
-        >>> items.labels_from, len(items.paths)  # doctest: +SKIP
-        ('folders', 600)
+        >>> labels = ["circle", "square", "triangle"]
+        >>> items = resolve_audit_items("shapes/images", labels)  # shapes/images/<class>/...
+        >>> items.labels_from, len(items.paths), items.classes[:3]
+        ('folders', 60, [0, 0, 0])
+        >>> items = resolve_audit_items("shapes/images", labels, max_images=10)
+        >>> len(items.paths), items.n_found
+        (10, 60)
+        >>> items = resolve_audit_items("photos", labels)  # no class folders
+        >>> items.labels_from, len(items.paths), items.classes
+        ('predictions', 3, None)
     """
     if labels_from not in LABEL_SOURCES:
         raise ConfigError(

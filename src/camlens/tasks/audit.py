@@ -158,10 +158,14 @@ class AuditWorker:
     """The model and the method, made once; batches of images in, one record per image out.
 
     Example:
-        >>> worker = AuditTask(model).start(None)  # doctest: +SKIP
-        >>> item = (0, ("cat.png", None))  # doctest: +SKIP
-        >>> worker.process([item], [worker.load(item)])[0]["arrays"]["map"].shape  # doctest: +SKIP
-        (32, 32)
+        >>> import camlens
+        >>> worker = AuditTask(camlens.load_model("runs/shapes")).start(None)
+        >>> batch = [(0, ("shapes/images/square/square_0000.png", 1)), (1, ("missing.png", 1))]
+        >>> records = worker.process(batch, [worker.load(item) for item in batch])
+        >>> [r["status"] for r in records], records[0]["class"], records[0]["feature_size"]
+        (['ok', 'error'], 1, [8, 8])
+        >>> records[0]["arrays"]["map"].shape, records[0]["arrays"]["thumb"].shape  # grid, thumb
+        ((32, 32), (3, 64, 64))
     """
 
     def __init__(self, task: AuditTask) -> None:

@@ -175,8 +175,16 @@ def write_image_outputs(
     """Write image ``i``'s overlays, raw maps (and figure) into ``folder``; return its record.
 
     Example:
-        >>> write_image_outputs(explanation, 0, "00000_cat", folder, Style())["maps"][0]["overlay"]
-        'overlays/00000_cat_c285.png'
+        >>> import camlens
+        >>> explanation = camlens.explain("efficientnet_lite0", "cat.jpg")
+        >>> folder = OutputFolder("out")
+        >>> folder.prepare(resume=False, overwrite=False)  # False: a fresh folder
+        False
+        >>> record = write_image_outputs(explanation, 0, "00000_cat", folder, Style())
+        >>> record["input"], record["raw"], record["maps"][0]["overlay"]
+        ('cat.jpg', 'raw/00000_cat.npz', 'overlays/00000_cat_c285.png')
+        >>> record["maps"][0]["label"], record["maps"][0]["box"]  # the box in the photo's pixels
+        ('Egyptian cat', [0, 0, 415, 300])
     """
     probs = explanation.probs[i]
     top = probs.topk(min(5, probs.numel()))
