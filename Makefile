@@ -38,19 +38,19 @@ browser:
 		echo "make test: chromium could not be installed; the browser test will be skipped"; }
 
 test: $(FULL) browser
-	$(BIN)/ruff check src tests benchmarks examples
-	$(BIN)/ruff format --check src tests benchmarks examples
+	$(BIN)/ruff check src tests benchmarks examples conftest.py
+	$(BIN)/ruff format --check src tests benchmarks examples conftest.py
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 lint: $(FULL)
-	$(BIN)/ruff check src tests benchmarks examples
-	$(BIN)/ruff format --check src tests benchmarks examples
+	$(BIN)/ruff check src tests benchmarks examples conftest.py
+	$(BIN)/ruff format --check src tests benchmarks examples conftest.py
 	$(BIN)/lint-imports
 
 format: $(FULL)
-	$(BIN)/ruff check --fix src tests benchmarks examples
-	$(BIN)/ruff format src tests benchmarks examples
+	$(BIN)/ruff check --fix src tests benchmarks examples conftest.py
+	$(BIN)/ruff format src tests benchmarks examples conftest.py
 
 # Each script writes a section; RESULTS.md is their concatenation (see benchmarks/*.py --help).
 BENCH_PARTS := methods methods_family runner audit train
