@@ -126,9 +126,10 @@ def audit(
     classifier = job_model(model, options.device)
     labels = list(classifier.labels)
     items = resolve_audit_items(
-        data, labels, labels_from=labels_from, max_images=max_images, seed=seed
-    )
-    audited = resolve_audit_classes(classes, labels)
+        data, labels, labels_from=labels_from, max_images=max_images, seed=seed,
+        spell=options.spell,
+    )  # fmt: skip
+    audited = resolve_audit_classes(classes, labels, options.spell)
     annotation_list = _annotations(annotations)
     make_method(classifier, method, layer, **(method_options or {}))  # bad layer, options
     task = AuditTask(

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from camlens.errors import ConfigError
+from camlens.errors import PYTHON_SPELLING, ConfigError
 from camlens.writers import atomic_path, write_json
 
 __all__ = [
@@ -54,10 +54,6 @@ RUN_FILE = f"{STATE_DIR}/run.json"
 WRITTEN_DIR = f"{STATE_DIR}/written"
 
 Spell = Callable[..., str]
-
-
-def _python_spelling(name: str, value: object = True) -> str:
-    return name if value == "" else f"{name}={value!r}"
 
 
 class OutputFolder:
@@ -85,7 +81,7 @@ class OutputFolder:
         ['.camlens', 'mine.txt']
     """
 
-    def __init__(self, path: str | os.PathLike, *, spell: Spell = _python_spelling) -> None:
+    def __init__(self, path: str | os.PathLike, *, spell: Spell = PYTHON_SPELLING) -> None:
         self.root = Path(path)
         self.spell = spell
         self._shard: Any = None
@@ -332,7 +328,7 @@ def check_same_settings(
     previous: dict[str, Any],
     current: dict[str, Any],
     out_dir: Path,
-    spell: Spell = _python_spelling,
+    spell: Spell = PYTHON_SPELLING,
 ) -> None:
     """Refuse to resume when the settings differ from the interrupted run's.
 

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from camlens.defaults import DEFAULT_BATCH_SIZE, DEFAULT_MAX_PIXELS, ENGINES
-from camlens.errors import ConfigError
+from camlens.errors import ConfigError, spelling
 from camlens.models.devices import check_device
-
-_CLI_SPELLING = {"out_dir": "--out", "ray_address": "--ray-address", "batch_size": "--batch-size"}
 
 
 @dataclass(frozen=True)
@@ -76,23 +73,3 @@ class RunOptions:
         """How the user gives option ``name`` in the interface they use: ``--resume`` on the
         command line, ``resume=True`` in Python (``value=""`` gives the bare name)."""
         return spelling(self.cli)(name, value)
-
-
-def spelling(cli: bool, out_name: str = "out_dir") -> Callable[..., str]:
-    """``spell(name, value=True)``: how a message names option ``name``: ``--resume`` on the
-    command line, ``resume=True`` in Python, where the output folder is the function's
-    ``out_name`` argument.
-
-    Example:
-        >>> spelling(True)("out_dir", ""), spelling(False, "out")("out_dir", "")
-        ('--out', 'out')
-    """
-
-    def spell(name: str, value: object = True) -> str:
-        if cli:
-            return _CLI_SPELLING.get(name, "--" + name.replace("_", "-"))
-        if name == "out_dir":
-            name = out_name
-        return name if value == "" else f"{name}={value!r}"
-
-    return spell

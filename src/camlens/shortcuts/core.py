@@ -475,7 +475,7 @@ def build_result(
         finding = findings.get(cls)
         if finding is None:
             entry["note"] = (
-                "not audited (not among --classes)"
+                "not audited (not among the audited classes)"
                 if stats.count >= settings.min_class_images
                 else f"too few images to search ({stats.count} < {settings.min_class_images})"
             )

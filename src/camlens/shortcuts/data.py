@@ -8,18 +8,18 @@ when ``DATA`` holds at least two subfolders and no image files of its own.
 
 from __future__ import annotations
 
-import difflib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from camlens.defaults import LABEL_SOURCES
-from camlens.errors import ConfigError
+from camlens.errors import PYTHON_SPELLING, ConfigError
 from camlens.io import IMAGE_EXTENSIONS, collect_inputs
 from camlens.io.imagefolder import scan_image_folder
+from camlens.targets import similar_classes
 
 __all__ = ["LABEL_SOURCES", "AuditItems", "resolve_audit_classes", "resolve_audit_items"]
 
@@ -49,6 +49,7 @@ def resolve_audit_items(
     labels_from: str = "auto",
     max_images: int | None = None,
     seed: int = 0,
+    spell: Callable[..., str] = PYTHON_SPELLING,
 ) -> AuditItems:
     """List the images of ``data`` and their classes (see the module docstring).
 
@@ -86,7 +87,7 @@ def resolve_audit_items(
         labels_from = "folders" if _looks_like_image_folder(root) else "predictions"
     if labels_from == "folders":
         folder = scan_image_folder(root)
-        mapping = [_model_class(name, labels, root) for name in folder.classes]
+        mapping = [_model_class(name, labels, root, spell) for name in folder.classes]
         paths, classes = list(folder.paths), [mapping[t] for t in folder.targets]
     else:
         paths, classes = collect_inputs([root]), None
@@ -102,11 +103,15 @@ def resolve_audit_items(
     return AuditItems(paths, classes, labels_from, n_found)
 
 
-def resolve_audit_classes(names: Sequence[str] | None, labels: Sequence[str]) -> set[int] | None:
+def resolve_audit_classes(
+    names: Sequence[str] | None,
+    labels: Sequence[str],
+    spell: Callable[..., str] = PYTHON_SPELLING,
+) -> set[int] | None:
     """Model class indices of ``names`` (names or indices), or None for "every class"."""
     if not names:
         return None
-    return {_model_class(name, labels, None) for name in names}
+    return {_model_class(name, labels, None, spell) for name in names}
 
 
 def _looks_like_image_folder(root: Path) -> bool:
@@ -116,7 +121,9 @@ def _looks_like_image_folder(root: Path) -> bool:
     return len(subfolders) >= 2 and not own_images
 
 
-def _model_class(name: str, labels: Sequence[str], root: Path | None) -> int:
+def _model_class(
+    name: str, labels: Sequence[str], root: Path | None, spell: Callable[..., str]
+) -> int:
     lowered = [label.lower() for label in labels]
     key = name.strip().lower()
     if key in lowered:
@@ -124,13 +131,14 @@ def _model_class(name: str, labels: Sequence[str], root: Path | None) -> int:
     if key.isdigit() and int(key) < len(labels):
         return int(key)
     where = f"the class folder {name!r} of {str(root)!r}" if root else f"the class {name!r}"
-    close = difflib.get_close_matches(key, lowered, n=3, cutoff=0.6)
-    hint = f" Did you mean: {', '.join(labels[lowered.index(c)] for c in close)}?" if close else ""
+    close = similar_classes(name, labels, n=3)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
     shown = ", ".join(labels[:8]) + (" ..." if len(labels) > 8 else "")
     todo = (
-        "Rename the folder, or audit by the model's predictions (--labels-from predictions)"
+        "Rename the folder, or audit by the model's predictions "
+        f"({spell('labels_from', 'predictions')})"
         if root
-        else "Name classes of the model in --classes"
+        else f"Name classes of the model in {spell('classes', '')}"
     )
     raise ConfigError(
         f"{where} is not a class of the model (its {len(labels)} classes: {shown}).{hint} {todo}"
