@@ -53,7 +53,7 @@ format: $(FULL)
 	$(BIN)/ruff format src tests benchmarks examples conftest.py
 
 # Each script writes a section; RESULTS.md is their concatenation (see benchmarks/*.py --help).
-BENCH_PARTS := methods methods_family runner audit train
+BENCH_PARTS := methods methods_family runner audit train serve
 bench: $(FULL)
 	mkdir -p benchmarks/results
 	$(BIN)/python benchmarks/run.py --out benchmarks/results/methods.md
@@ -61,6 +61,7 @@ bench: $(FULL)
 	$(BIN)/python benchmarks/runner_bench.py --out benchmarks/results/runner.md
 	$(BIN)/python benchmarks/audit_bench.py --out benchmarks/results/audit.md
 	$(BIN)/python benchmarks/train_bench.py --out benchmarks/results/train.md
+	$(BIN)/python benchmarks/serve_bench.py --out benchmarks/results/serve.md
 	cat $(BENCH_PARTS:%=benchmarks/results/%.md) > benchmarks/RESULTS.md
 
 clean:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import re
 import sys
@@ -371,6 +372,20 @@ def test_pil_input_is_not_mutated() -> None:
     assert (original.mode, original.size, original.tobytes(), dict(original.info)) == before
     assert loaded.mode == "RGB"
     assert loaded.getpixel((0, 0)) == (255, 255, 255)
+
+
+@pytest.mark.parametrize("name", ["exif_rotate6.jpg", "tiny_1x1.png", "tall_1x1000.png"])
+def test_copy_false_gives_the_same_pixels_and_outlives_the_opened_file(corpus, name) -> None:
+    """``copy=False`` (an image the caller just decoded) shares the decoded pixels instead of
+    copying them twice, and the result stays usable after the opened file is closed."""
+    expected = load_image(corpus / name)
+    opened = Image.open(io.BytesIO((corpus / name).read_bytes()))
+    loaded = load_image(opened, copy=False)
+    opened.close()
+    assert (loaded.mode, loaded.size) == (expected.mode, expected.size)
+    assert loaded.tobytes() == expected.tobytes()
+    loaded.putpixel((0, 0), BLUE)  # a plain, writable image
+    assert loaded.getpixel((0, 0)) == BLUE
 
 
 def test_pil_rgb_input_is_copied() -> None:

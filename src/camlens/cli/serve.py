@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ipaddress
+import os
+import socket
+import stat
 import sys
 from pathlib import Path
 
@@ -49,9 +52,10 @@ from camlens.errors import ConfigError
 )
 @click.option(
     "--models-dir",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    type=click.Path(path_type=Path),
     default=None,
-    help="Folder whose entries (trained model folders, checkpoints) are offered by name.",
+    help="Folder whose model folders (written by `camlens train`) are offered by name; its "
+    "other entries are skipped, each with a line saying why.",
 )
 @click.option(
     "--max-upload-mb",
@@ -100,6 +104,31 @@ from camlens.errors import ConfigError
     type=click.IntRange(min=0),
     help=SMOOTH_HELP,
 )
+@click.option(
+    "--body-timeout",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds a client has to send a whole request (upload); later: 408. A request waits "
+    "for a model thread only once it has arrived, so slow clients lock nobody out.",
+)
+@click.option(
+    "--allow-origin",
+    "allow_origins",
+    multiple=True,
+    metavar="URL",
+    help="Another web page (its origin, e.g. http://localhost:3000) that may call the API "
+    "(repeatable; * for any page). By default only the server's own page may POST to it.",
+)
+@click.option(
+    "--allow-host",
+    "allow_hosts",
+    multiple=True,
+    metavar="NAME",
+    help="Another name the server answers to (repeatable), e.g. mybox.local when serving on "
+    "the network. Default: localhost, 127.0.0.1, [::1] and --host; other Host headers get "
+    "400 (DNS rebinding protection).",
+)
 @device_option
 @max_pixels_option
 def serve(
@@ -115,6 +144,9 @@ def serve(
     layer: str | None,
     max_channels: int,
     smooth: int,
+    body_timeout: float,
+    allow_origins: tuple[str, ...],
+    allow_hosts: tuple[str, ...],
     device: str,
     max_pixels: int,
 ) -> None:
@@ -123,6 +155,8 @@ def serve(
     Serves the page at http://HOST:PORT/, the JSON API under /api (POST /api/explain) and its
     docs at /docs. Everything works offline. The models given with --model are loaded before
     the server starts; --weights, --labels and --trust-model apply to the one --model given.
+    Only requests addressed to this server (see --allow-host) are answered, and POSTs only
+    from its own page (see --allow-origin).
     """
     try:
         import uvicorn
@@ -145,9 +179,16 @@ def serve(
         "layer": layer,
         "method": method,
         "max_pixels": max_pixels or None,
+        "body_timeout": body_timeout,
+        "allowed_hosts": [host, *allow_hosts],
+        "allowed_origins": list(allow_origins),
     }
 
     def build():
+        _check_address(host, port)
+        for option, path in (("--weights", model_files.weights), ("--labels", model_files.labels)):
+            if path is not None:
+                _check_regular_file(option, path)
         if model_files.given and len(models) != 1:
             raise ConfigError(
                 "--weights, --labels and --trust-model apply to one model: give exactly one "
@@ -172,6 +213,8 @@ def _build(create_app, models: list[str], settings: dict):
     """The app, with the models named on the command line loaded (errors: exit 2)."""
     app = create_app(models or None, **settings)
     store = app.state.store
+    for name, reason in store.skipped:
+        click.echo(f"--models-dir: skipping {name}: {reason}", err=True)
     for name in store.names if models else [store.default]:
         click.echo(f"loading model {name}...")
         store.get(name)
@@ -185,3 +228,27 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _check_address(host: str, port: int) -> None:
+    """ConfigError (exit 2, one line) when the server could not listen on ``host:port``."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+            probe.bind(address)
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise ConfigError(f"cannot listen on {host}:{port}: {reason}") from None
+
+
+def _check_regular_file(option: str, path: Path) -> None:
+    """ConfigError unless ``path`` is a regular file (a FIFO or a device would never end)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as error:
+        raise ConfigError(f"{option} {str(path)!r}: {error.strerror or error}") from None
+    if not stat.S_ISREG(mode):
+        raise ConfigError(f"{option} {str(path)!r} is not a regular file")

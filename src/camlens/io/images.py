@@ -144,6 +144,7 @@ def load_image(
     *,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     needed_side: int | None = None,
+    copy: bool = True,
 ) -> Image.Image:
     """Load an image as a fully decoded, EXIF-oriented, 8-bit RGB image.
 
@@ -167,6 +168,11 @@ def load_image(
         this, which saves time and memory on large photos. Other formats are decoded whole.
         The size of the file's image, after EXIF rotation, is in ``image.info["original_size"]``
         either way.
+    copy : bool, optional
+        For a PIL image ``source``: ``True`` (the default) leaves it untouched and returns a
+        converted copy; ``False`` lets it be oriented in place and returned itself when it is
+        already RGB (for an image the caller has just decoded and will not use again: a large
+        image is then held once, not three times). A file is always decoded without copies.
 
     Returns
     -------
@@ -191,7 +197,7 @@ def load_image(
     camlens.io.images.ImageLoadError: cannot read 'notes.jpg': it is not an image Pillow can decode ...
     """
     if isinstance(source, Image.Image):
-        return _load_pil(source, max_pixels)
+        return _load_pil(source, max_pixels, owned=not copy)
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(
             f"load_image expects a path or a PIL.Image.Image, not {type(source).__name__}"
@@ -214,7 +220,7 @@ def load_image(
                     )
                 decoded = opened.size
                 opened.load()
-                image = _finish(opened, name, stacklevel=4)
+                image = _finish(opened, name, stacklevel=4, owned=True)
                 turned = image.size != decoded  # EXIF turned it by 90 degrees
                 image.info["original_size"] = stored[::-1] if turned else stored
                 return image
@@ -412,22 +418,37 @@ def _decode_error(error: BaseException, path: str | None, name: str) -> ImageLoa
     )
 
 
-def _finish(image: Image.Image, name: str, stacklevel: int) -> Image.Image:
-    """Apply EXIF orientation and convert to RGB; ``image`` must already be loaded."""
+def _finish(image: Image.Image, name: str, stacklevel: int, owned: bool) -> Image.Image:
+    """Apply EXIF orientation and convert to RGB; ``image`` must already be loaded.
+
+    ``owned``: ``image`` is ours to change (just decoded), so it is oriented in place and
+    returned itself when already RGB; otherwise it is left untouched and copied.
+    """
     try:
-        oriented = ImageOps.exif_transpose(image)
+        oriented = ImageOps.exif_transpose(image, in_place=owned)
     except Exception as error:  # broken EXIF must not make a good image unusable
         warnings.warn(
             f"ignoring the EXIF orientation of {name}: it could not be read ({error})",
             stacklevel=stacklevel,
         )
+        oriented = None
+    if oriented is None:  # in place, or not oriented
         oriented = image
-    if oriented is None:  # pragma: no cover - only with in_place=True
-        oriented = image
+    if owned and oriented.mode == "RGB" and "transparency" not in oriented.info:
+        return _detached(oriented)
     return to_rgb(oriented)
 
 
-def _load_pil(image: Image.Image, max_pixels: int | None) -> Image.Image:
+def _detached(image: Image.Image) -> Image.Image:
+    """A plain image holding ``image``'s pixels, still usable after ``image`` is closed
+    (Pillow's ``close`` disables an opened image): the pixels are shared, not copied, unless
+    they are a read-only memory map of the file."""
+    if getattr(image, "readonly", 0) or getattr(image, "map", None) is not None:
+        return image.copy()
+    return image._new(image.im)
+
+
+def _load_pil(image: Image.Image, max_pixels: int | None, owned: bool) -> Image.Image:
     filename = getattr(image, "filename", None) or None
     path = os.fspath(filename) if filename else None
     name = f"'{path}'" if path else "the in-memory image"
@@ -436,7 +457,7 @@ def _load_pil(image: Image.Image, max_pixels: int | None) -> Image.Image:
         _bomb_warnings_filter(max_pixels)
         try:
             image.load()
-            return _finish(image, name, stacklevel=5)
+            return _finish(image, name, stacklevel=5, owned=owned)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
             raise _bomb_error(error, max_pixels, path, name) from error
         except (OSError, SyntaxError, ValueError, EOFError) as error:

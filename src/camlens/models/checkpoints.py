@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import pickletools
 import re
 import warnings
 import zipfile
@@ -246,17 +247,45 @@ def _load_torchscript(path: Path) -> nn.Module:
 
 def _torch_load(path: Path, *, trust_model: bool) -> Any:
     try:
-        return torch.load(path, map_location="cpu", weights_only=not trust_model)
+        with warnings.catch_warnings():
+            # "Detected pickle protocol N": torch's note on a plain pickle, not for users.
+            warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=not trust_model)
     except pickle.UnpicklingError as error:
         # The weights-only unpickler names the class it refused to import ("GLOBAL x.y.Z");
-        # without such a name the file is simply not a PyTorch file.
-        if not trust_model and "GLOBAL" in str(error):
-            raise ConfigError(_needs_trust_message(path, str(error))) from error
+        # a plain pickle (pickle.dump, not torch.save) may fail before it gets to one, so its
+        # opcodes are read (never run) for the names it would import.
+        if not trust_model:
+            found = re.search(r"GLOBAL ([\w.]+)", str(error))
+            names = [found.group(1)] if found else _pickled_globals(path)
+            if names:
+                raise ConfigError(_needs_trust_message(path, f"GLOBAL {names[0]}")) from error
         raise ConfigError(_unreadable_message(path, "not a PyTorch file, or damaged")) from error
     except Exception as error:  # torch.load raises many types on damaged or foreign files
         detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
         reason = f"{type(error).__name__}: {detail}" if detail else type(error).__name__
         raise ConfigError(_unreadable_message(path, reason)) from error
+
+
+def _pickled_globals(path: Path, max_ops: int = 100_000) -> list[str]:
+    """The ``module.name`` globals a plain pickle file would import when loaded (read from its
+    opcodes with ``pickletools``, nothing is run); [] for a file that is not a pickle."""
+    names: list[str] = []
+    strings: list[str] = []
+    try:
+        with open(path, "rb") as file:
+            for count, (opcode, argument, _) in enumerate(pickletools.genops(file)):
+                if opcode.name == "GLOBAL" and isinstance(argument, str):
+                    names.append(argument.replace(" ", "."))
+                elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    names.append(f"{strings[-2]}.{strings[-1]}")
+                elif isinstance(argument, str):
+                    strings.append(argument)
+                if names or count >= max_ops:
+                    break
+    except (OSError, ValueError, EOFError, UnicodeDecodeError):  # not (or no longer) a pickle
+        pass
+    return names
 
 
 def _unreadable_message(path: Path, reason: str) -> str:

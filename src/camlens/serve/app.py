@@ -3,24 +3,31 @@
 Routes: ``GET /`` the page, ``POST /api/explain``, ``GET /api/models``, ``GET /api/labels``,
 ``GET /api/colormaps``, ``GET /healthz``, ``GET /docs`` and ``/openapi.json``.
 
-Safety: request bodies over the upload limit get 413 without being read whole; images are
-decoded from memory with decompression-bomb protection (bad images: 400/415 with a message);
-requests choose models by name from a fixed list; model code runs on worker threads behind a
-bounded queue (503 with Retry-After when it is full).
+Safety: only requests addressed to this server's own address are answered, and POSTs only
+from its own page (``guard``: DNS rebinding and cross-site forms); request bodies over the
+upload limit get 413 without being read whole, and a body must arrive within
+``body_timeout`` seconds (408) before the request takes a place in the queue, so slow
+clients lock nobody out; uploads stay in memory; images are decoded from memory with a pixel
+budget (bad images: 400/415 with a message); requests choose models by name from a fixed
+list; model code runs on worker threads behind a bounded queue (503 with Retry-After when it
+is full). No input makes the API answer 500: every error is a 4xx with a JSON ``detail``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
+import math
 import os
 import warnings
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from importlib import resources
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import anyio.to_thread
 from fastapi import FastAPI, File, Form, Query, Request, UploadFile
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
@@ -33,6 +40,7 @@ from camlens.models import Classifier
 from camlens.render import colormap_table
 from camlens.serve import schemas
 from camlens.serve.docs import offline_fastapi
+from camlens.serve.guard import HostOriginGuard
 from camlens.serve.jobs import (
     MAX_TOPK,
     PAGE_COLORMAPS,
@@ -48,17 +56,25 @@ from camlens.serve.limits import (
     MEGABYTE,
     Admission,
     BodySizeLimit,
+    ReadBudget,
     WorkQueue,
     too_large_message,
 )
 from camlens.serve.models import ModelStore
-from camlens.serve.uploads import UnsupportedImageError
+from camlens.serve.uploads import InMemoryFormRoute, UnsupportedImageError
+
+T = TypeVar("T")
+
+#: Seconds a client has to send a whole request body (``create_app(body_timeout=)``).
+BODY_TIMEOUT_S = 30.0
 
 #: Only what the page itself serves: no CDN, no inline script.
 PAGE_CSP = "default-src 'self'; img-src 'self' data: blob:; object-src 'none'; base-uri 'none'"
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": schemas.ErrorResponse, "description": "Bad parameter or unreadable image"},
+    403: {"model": schemas.ErrorResponse, "description": "Cross-origin request refused"},
+    408: {"model": schemas.ErrorResponse, "description": "Upload not received in time"},
     413: {"model": schemas.ErrorResponse, "description": "Upload over the size limit"},
     415: {"model": schemas.ErrorResponse, "description": "Not an image format"},
     503: {"model": schemas.ErrorResponse, "description": "Busy: retry after Retry-After s"},
@@ -76,6 +92,9 @@ def create_app(
     smooth: int = 0,
     layer: str | None = None,
     method: str = "cam",
+    body_timeout: float = BODY_TIMEOUT_S,
+    allowed_hosts: Sequence[str] = (),
+    allowed_origins: Sequence[str] = (),
     **deprecated: Any,
 ) -> FastAPI:
     """Build the camlens web app (serve it with uvicorn, or ``camlens serve``).
@@ -83,9 +102,13 @@ def create_app(
     Parameters:
         models: model specs (default: the built-in ``efficientnet_lite0``) or ``Classifier``
             objects; requests choose among them by name, the first is the default.
-        models_dir: a folder whose entries are offered as models too (by file name).
+        models_dir: a folder whose model folders (written by ``camlens train``) are offered
+            too, by folder name; its other entries are skipped (``app.state.store.skipped``
+            says why).
         max_upload_mb: largest accepted upload; bigger requests get 413.
-        max_queue: requests that may wait for a worker; more get 503 with Retry-After.
+        max_queue: requests that may wait for a worker; more get 503 with Retry-After. The
+            uploads still arriving share a memory budget of as many uploads as the queue
+            holds requests (``threads + max_queue``); beyond it, 503 too.
         threads: threads that run models (requests on the same model take turns).
         max_pixels: largest accepted image, in pixels (decompression-bomb protection).
         max_channels: Score-CAM and Ablation-CAM perturb only this many channels (those with
@@ -93,6 +116,15 @@ def create_app(
         smooth: gradient methods average over this many noisy copies (SmoothGrad); 0: off.
         layer: the feature layer of every method (default: the model's, found automatically).
         method: the method of requests that name none (and the page's first choice).
+        body_timeout: seconds a client has to send its whole request body (408 after);
+            a request takes its place in the queue only once its body has arrived.
+        allowed_hosts: names (``host`` or ``host:port``) this server answers to besides
+            ``localhost``, ``127.0.0.1`` and ``[::1]`` (on the port it listens on); a
+            wildcard address (``0.0.0.0``, ``::``) accepts any IP address, ``"*"`` any Host.
+            Other Host headers get 400 (DNS rebinding protection, see ``serve.guard``).
+        allowed_origins: origins (``http://host:port``) of other pages that may POST to the
+            API and read its answers (``"*"``: any page); the server's own page always may.
+            Other cross-origin POSTs get 403.
         deprecated: ``workers`` (now ``threads``) and ``perturbation_channels`` (now
             ``max_channels``) still work for one release, with a ``DeprecationWarning``.
 
@@ -100,11 +132,12 @@ def create_app(
         A FastAPI application.
 
     Raises:
-        ConfigError: duplicate model names or a ``models_dir`` that is not a folder.
+        ConfigError: duplicate model names, a ``models_dir`` that is not a readable folder,
+            or a bad limit.
 
     Example:
         >>> from fastapi.testclient import TestClient
-        >>> client = TestClient(create_app(["efficientnet_lite0"]))
+        >>> client = TestClient(create_app(["efficientnet_lite0"]), base_url="http://localhost")
         >>> with open("cat.jpg", "rb") as photo:
         ...     response = client.post("/api/explain", files={"file": photo},
         ...                            data={"target": "top1"})
@@ -131,11 +164,19 @@ def create_app(
         raise ConfigError(f"max_channels must be >= 1 or None, got {max_channels}")
     if smooth < 0:
         raise ConfigError(f"smooth must be >= 0, got {smooth}")
+    if not (body_timeout > 0 and math.isfinite(body_timeout)):
+        raise ConfigError(f"body_timeout must be a positive number of seconds, got {body_timeout}")
+    try:
+        guard = {"allowed_hosts": list(allowed_hosts), "allowed_origins": list(allowed_origins)}
+        HostOriginGuard(None, **guard)  # checks the names now, not at the first request
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     default_method = get_method(method).name
     method_options = {"max_channels": max_channels, "smooth": smooth}
     store = ModelStore(models, models_dir)
     queue = WorkQueue(workers=threads, max_waiting=max_queue)
     max_upload_bytes = int(max_upload_mb * MEGABYTE)
+    max_body_bytes = max_upload_bytes + FORM_OVERHEAD_BYTES
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -151,12 +192,21 @@ def create_app(
     )
     app.state.store = store
     app.state.queue = queue
-    app.add_middleware(Admission, queue=queue, paths=frozenset({"/api/explain"}))
-    app.add_middleware(  # outermost: a declared oversize body is refused before admission
-        BodySizeLimit,
-        max_body_bytes=max_upload_bytes + FORM_OVERHEAD_BYTES,
-        message=too_large_message(max_upload_bytes),
+    app.router.route_class = InMemoryFormRoute  # form uploads are parsed in memory
+    app.add_middleware(  # reads the whole body (in time, within budget), then admits
+        Admission,
+        queue=queue,
+        paths=frozenset({"/api/explain"}),
+        body_timeout=body_timeout,
+        budget=ReadBudget(queue.capacity * max_body_bytes),
     )
+    app.add_middleware(  # a declared oversize body is refused before any of it is read
+        BodySizeLimit, max_body_bytes=max_body_bytes, message=too_large_message(max_upload_bytes)
+    )
+    if allowed_origins:  # other pages allowed to call the API may also read its answers
+        origins = list(allowed_origins)
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"])
+    app.add_middleware(HostOriginGuard, **guard)  # outermost: refuses before anything else
     _add_error_handlers(app)
     app.mount("/static", StaticFiles(packages=[("camlens.serve", "static")]), name="static")
 
@@ -192,7 +242,7 @@ def create_app(
         model: Annotated[str | None, Query(description="Model name (default: the first).")] = None,
     ) -> dict[str, Any]:
         name = store.check(model)
-        classifier = await anyio.to_thread.run_sync(store.get, name)
+        classifier = await anyio.to_thread.run_sync(lambda: store.get(name, public=True))
         return {"model": name, "labels": list(classifier.labels)}
 
     @app.get("/api/colormaps", summary="The page's colour maps as 256-entry RGB tables")
@@ -236,13 +286,36 @@ def create_app(
         )
         if file is not None:
             data = await file.read(max_upload_bytes + 1)
+            await file.close()  # the form's copy goes now: the job holds the upload once
             if len(data) > max_upload_bytes:
                 return _error(413, too_large_message(max_upload_bytes))
             job = dataclasses.replace(job, upload=data, filename=file.filename)
         ticket = request.state.ticket  # our place in the queue, taken by Admission
-        return await ticket.run(run_request, store, job, max_pixels, method_options, layer)
+        work = ticket.run(run_request, store, job, max_pixels, method_options, layer)
+        return await _unless_client_leaves(request, work)
 
     return app
+
+
+async def _unless_client_leaves(request: Request, work: Awaitable[T]) -> T | JSONResponse:
+    """The result of ``work``; or, when the client disconnects first (the page cancelled the
+    request), ``work`` is cancelled: a job still waiting in the queue leaves it without
+    running (a job already running finishes, unseen)."""
+    job = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request.receive))
+    try:
+        await asyncio.wait({job, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if job.done():
+        return job.result()
+    job.cancel()
+    return _error(499, "the client closed the request")  # nobody reads it
+
+
+async def _disconnected(receive: Callable[[], Awaitable[dict]]) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 def _error(status: int, detail: str) -> JSONResponse:
@@ -261,3 +334,9 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ImageLoadError)
     async def bad_image(_: Request, error: ImageLoadError) -> JSONResponse:
         return _error(400, error.message)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, error: Exception) -> JSONResponse:
+        # A bug, never the client's input: JSON without details (the ASGI server logs the
+        # traceback, as Starlette re-raises the error after this answer).
+        return _error(500, "the server failed on this request (a bug: its log has the details)")

@@ -20,17 +20,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
-from camlens.api import explain
 from camlens.errors import ConfigError
 from camlens.explanation import Explanation
-from camlens.io import DEFAULT_MAX_PIXELS
+from camlens.io import DEFAULT_MAX_PIXELS, resized_pixels
 from camlens.io.samples import SAMPLES, sample_image
 from camlens.methods import make_method, options_for
 from camlens.render import colorize, colormap_indices, overlay
 from camlens.serve.models import ModelStore
 from camlens.serve.uploads import decode_upload
+from camlens.targets import class_index
 
 #: Longest side of the pictures a response carries (boxes are also given in original pixels).
 DISPLAY_MAX_SIDE = 640
@@ -49,7 +50,8 @@ PERTURBATION_CHANNELS = 64
 #: Zhou et al. 2016: the box around the largest region above 20 % of the map's maximum.
 BOX_THRESHOLD = 0.2
 
-_TOPK = re.compile(r"^top(\d+)$", re.IGNORECASE)
+_TOPK = re.compile(r"^top([0-9]+)$", re.IGNORECASE)
+_CLASS_ID = re.compile(r"^[0-9]+$")
 
 
 @dataclass(frozen=True)
@@ -69,16 +71,25 @@ class ExplainRequest:
 def parse_target(text: str | None) -> str | int:
     """``"top1"`` .. ``"top10"``, a class id (``"285"`` -> 285) or a class name, as given.
 
+    A class id is written with the ASCII digits 0-9 only: other digits (``"²"``, Arabic-Indic
+    ``"٢"``, full-width ``"２"``) make a class name, looked up like any other.
+
     Raises:
         ConfigError: ``topK`` with K outside 1..MAX_TOPK.
+
+    Example:
+        >>> parse_target("top5"), parse_target(" 285 "), parse_target("espresso")
+        ('top5', 285, 'espresso')
+        >>> parse_target("²"), parse_target("٢")
+        ('²', '٢')
     """
     text = (text or "").strip() or "top1"
     if match := _TOPK.match(text):
-        k = int(match.group(1))
-        if not 1 <= k <= MAX_TOPK:
+        digits = match.group(1).lstrip("0") or "0"
+        if len(digits) > 2 or not 1 <= int(digits) <= MAX_TOPK:
             raise ConfigError(f"target {text!r}: K must be between 1 and {MAX_TOPK}")
-        return f"top{k}"
-    return int(text) if text.isdigit() else text
+        return f"top{int(digits)}"
+    return int(text) if _CLASS_ID.match(text) else text
 
 
 def check_colormap(name: str) -> str:
@@ -107,16 +118,35 @@ def run_request(
 
     ``method_options`` (the server's ``max_channels``, ``smooth``) reach the methods that take
     them (``camlens.methods.options_for``); the response lists those used."""
+    classifier = store.get(request.model, public=True)
     if request.upload is not None:
-        image = decode_upload(request.upload, request.filename, max_pixels=max_pixels)
+        needed = max(DISPLAY_MAX_SIDE, *classifier.input_size)
+        image = decode_upload(
+            request.upload, request.filename, max_pixels=max_pixels, needed_side=needed
+        )
     else:
         image = sample_image(check_sample(request.sample or ""))
-    classifier = store.get(request.model)
     wanted = {k: v for k, v in (method_options or {}).items() if v}
     options = options_for(request.method, wanted)
     method = make_method(classifier, request.method, layer, **options)
+    # camlens.explain's steps on the decoded image itself: explain() would check it against
+    # the library's default pixel budget (not the server's) and copy it once more.
+    pixels = torch.from_numpy(np.stack([resized_pixels(image, classifier.input_size)]))
+    batch = classifier.normalize(pixels.permute(0, 3, 1, 2))
+    target = request.target
+    if isinstance(target, str) and not _TOPK.match(target):
+        # Looked up here, so that the library never reads a name as an id or "topK".
+        target = class_index(target, classifier.labels)
     with store.lock(request.model):
-        explanation = explain(classifier, [image], method=method, target=request.target)
+        result = method.run(batch, target)
+    explanation = Explanation.from_result(
+        result,
+        method.name,
+        tuple(batch.shape[-2:]),
+        classifier.labels,
+        images=[image],
+        sizes=[tuple(image.info.get("original_size", image.size))],
+    )
     payload = explanation_payload(
         explanation, request.model, colormap=request.colormap, alpha=request.alpha
     )
@@ -143,7 +173,7 @@ def explanation_payload(
         size, ``overlay`` and ``heatmap`` PNG data URLs at display size).
     """
     photo = fit_within(explanation.display_image(0), display_max_side)
-    shown = dataclasses.replace(explanation, images=[photo])
+    shown = dataclasses.replace(explanation, images=[photo], sizes=None)
     boxes = explanation.boxes(BOX_THRESHOLD, original=True)[0]
     display_boxes = shown.boxes(BOX_THRESHOLD, original=True)[0]
     probs = explanation.probs[0]

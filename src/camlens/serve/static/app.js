@@ -13,14 +13,24 @@ const state = {
   tables: {},        // colour map name -> [[r, g, b] x 256]
   labels: [],        // class names of the current model
   source: null,      // {file: File} or {sample: "chelsea"}
-  photo: null,       // ImageData of the photo at display size
+  photo: null,       // ImageData of the photo at display size (of the current image)
   predictions: [],   // top 5 of the current model
-  maps: new Map(),   // "model|method|class" -> {entry, heat: Uint8Array, response}
-  selected: null,    // class id shown in the main view
-  comparing: false,
+  maps: new Map(),   // "model|method|class" -> {entry, heat: Uint8Array, response, photo}
+  selected: null,    // class id asked for in the main view
+  shown: null,       // the record on screen (kept, marked, while another is computed)
+  comparing: false,  // the "Compare methods" toggle
   compareToken: 0,   // bumped on every comparison: an older one stops drawing
   generation: 0,     // bumped on every new image/model/method: late answers are dropped
 };
+
+// Every request runs under the AbortController of a "flight": "main" (the main view) or
+// "compare". Starting a flight cancels the one before it, so a request whose answer is no
+// longer wanted does not keep running in the browser, and the server drops it from its
+// queue when it has not started it yet.
+const flights = { main: null, compare: null };
+
+// Below this probability a class's map gets a note: it is scaled to its own maximum.
+const UNLIKELY = 0.05;
 
 // ---------------------------------------------------------------- requests
 
@@ -31,7 +41,7 @@ async function getJSON(url) {
   return body;
 }
 
-async function requestExplain(method, target) {
+async function requestExplain(method, target, signal) {
   for (let attempt = 0; ; attempt++) {
     const form = new FormData();
     if (state.source.file) form.append("file", state.source.file, state.source.file.name);
@@ -41,17 +51,42 @@ async function requestExplain(method, target) {
     form.append("target", String(target));
     form.append("colormap", $("colormap").value);
     form.append("alpha", $("opacity").value);
-    const response = await fetch("/api/explain", { method: "POST", body: form });
+    const response = await fetch("/api/explain", { method: "POST", body: form, signal });
     const body = await response.json().catch(() => ({ detail: response.statusText }));
     if (response.ok) return body;
     const retryAfter = Number(response.headers.get("Retry-After") || 0);
     if (response.status === 503 && attempt < 5) {
       setStatus(`The server is busy; trying again in ${retryAfter} s…`, "busy");
-      await new Promise((resolve) => setTimeout(resolve, 1000 * Math.max(1, retryAfter)));
+      await sleep(1000 * Math.max(1, retryAfter), signal);
       continue;
     }
     throw new Error(typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail));
   }
+}
+
+function sleep(ms, signal) {
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(resolve, ms);
+    signal.addEventListener("abort", () => {
+      clearTimeout(timer);
+      reject(new DOMException("cancelled", "AbortError"));
+    }, { once: true });
+  });
+}
+
+function beginFlight(kind) {
+  if (flights[kind]) flights[kind].abort();
+  flights[kind] = new AbortController();
+  return flights[kind];
+}
+
+function cancelFlight(kind) {
+  if (flights[kind]) flights[kind].abort();
+  flights[kind] = null;
+}
+
+function isAbort(error) {
+  return error instanceof DOMException && error.name === "AbortError";
 }
 
 function mapKey(model, method, classId) {
@@ -76,13 +111,14 @@ async function absorb(response) {
     const gray = (await decodePixels(entry.heatmap)).data;
     const heat = new Uint8Array(gray.length / 4);
     for (let p = 0; p < heat.length; p++) heat[p] = gray[4 * p];
-    state.maps.set(mapKey(response.model, response.method, entry.class), { entry, heat, response });
+    const record = { entry, heat, response, photo: state.photo };
+    state.maps.set(mapKey(response.model, response.method, entry.class), record);
   }
 }
 
-async function explainClass(method, classId) {
+async function explainClass(method, classId, signal) {
   const key = mapKey($("model").value, method, classId);
-  if (!state.maps.has(key)) await absorb(await requestExplain(method, classId));
+  if (!state.maps.has(key)) await absorb(await requestExplain(method, classId, signal));
   return state.maps.get(key);
 }
 
@@ -95,14 +131,14 @@ function rint(x) {
 }
 
 function paint(canvas, record) {
-  const { width, height } = state.photo;
+  const { width, height } = record.photo;
   canvas.width = width;
   canvas.height = height;
   const context = canvas.getContext("2d");
   const out = context.createImageData(width, height);
   const table = state.tables[$("colormap").value];
   const alpha = parseFloat($("opacity").value);
-  const photo = state.photo.data;
+  const photo = record.photo.data;
   const pixels = out.data;
   for (let p = 0, i = 0; p < record.heat.length; p++, i += 4) {
     const colour = table[record.heat[p]];
@@ -138,10 +174,14 @@ function outlineBox(pixels, width, height, box) {
 }
 
 function redraw() {
-  const key = mapKey($("model").value, $("method").value, state.selected);
-  const record = state.maps.get(key);
+  drawLegend();
+  const record = state.shown;
   if (!record) return;
   paint($("overlay"), record);
+  const photo = $("photo");
+  photo.width = record.photo.width;
+  photo.height = record.photo.height;
+  photo.getContext("2d").putImageData(record.photo, 0, 0);
   const entry = record.entry;
   const response = record.response;
   const box = entry.box ? `box [${entry.box.join(", ")}] px` : "no positive evidence";
@@ -151,16 +191,45 @@ function redraw() {
   $("caption").innerHTML = "";
   const name = document.createElement("strong");
   name.textContent = `${entry.label} (${entry.class})`;
-  $("caption").append(name, ` p = ${entry.prob.toFixed(3)} · logit ${entry.score.toFixed(2)} · ` +
+  $("caption").append(name, ` p = ${formatProb(entry.prob)} · logit ${entry.score.toFixed(2)} · ` +
     `${response.method}${options} on ${response.layer} · ${box}${identity}`);
+  const unlikely = entry.prob < UNLIKELY;
+  $("unlikely").hidden = !unlikely;
+  $("unlikely").textContent = unlikely ?
+    `This class is unlikely (p = ${formatProb(entry.prob)}); its map is scaled to its own ` +
+    "maximum, so it looks as strong as a likely class's: it shows where the network would " +
+    `see "${entry.label}", not that it is there.` : "";
+  $("result").classList.remove("empty");
+  $("compare").disabled = false;
   for (const button of $("top5").querySelectorAll("button")) {
-    button.classList.toggle("selected", Number(button.dataset.class) === state.selected);
+    button.classList.toggle("selected", Number(button.dataset.class) === entry.class);
   }
   for (const canvas of $("methods").querySelectorAll("canvas")) {
-    const other = state.maps.get(mapKey($("model").value, canvas.dataset.method, state.selected));
+    const other = state.maps.get(mapKey(response.model, canvas.dataset.method, entry.class));
     if (other) paint(canvas, other);
   }
-  $("download-png").disabled = $("download-json").disabled = false;
+  updateDownloads();
+}
+
+function formatProb(p) {
+  return p > 0 && p < 0.001 ? p.toExponential(1) : p.toFixed(3);
+}
+
+// The colour scale: the map's value (0 .. its own maximum) left to right, in the chosen map.
+function drawLegend() {
+  const table = state.tables[$("colormap").value];
+  if (!table) return;
+  const canvas = $("legend");
+  const context = canvas.getContext("2d");
+  const image = context.createImageData(canvas.width, canvas.height);
+  for (let y = 0, i = 0; y < canvas.height; y++) {
+    for (let x = 0; x < canvas.width; x++, i += 4) {
+      const colour = table[Math.floor((x * 256) / canvas.width)];
+      image.data.set([colour[0], colour[1], colour[2], 255], i);
+    }
+  }
+  context.putImageData(image, 0, 0);
+  canvas.dataset.colormap = $("colormap").value;
 }
 
 function describeOptions(response) {
@@ -200,15 +269,89 @@ function setStatus(text, kind = "") {
   $("status").className = `status ${kind}`;
 }
 
-async function run(message, action) {
+// The elapsed time of the main view's request, with a Cancel button (Score-CAM takes s).
+const progress = { timer: 0 };
+
+function startProgress() {
+  clearInterval(progress.timer);
+  const started = performance.now();
+  const tick = () => {
+    const seconds = (performance.now() - started) / 1000;
+    $("progress-text").textContent = `${seconds.toFixed(1)} s elapsed`;
+  };
+  tick();
+  progress.timer = setInterval(tick, 100);
+  $("progress").hidden = false;
+}
+
+function stopProgress() {
+  clearInterval(progress.timer);
+  $("progress").hidden = true;
+}
+
+function setRecomputing(on) {
+  $("result").classList.toggle("recomputing", on && state.shown !== null);
+  $("result").setAttribute("aria-busy", String(on));
+  updateDownloads();
+}
+
+function updateDownloads() {
+  const off = !state.shown || $("result").classList.contains("recomputing");
+  $("download-png").disabled = $("download-json").disabled = off;
+}
+
+// Nothing on screen (an error, or a new photo): no old picture, and nothing to download.
+function clearResult(keepPredictions) {
+  state.shown = null;
+  for (const id of ["overlay", "photo"]) {
+    const canvas = $(id);
+    canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
+    delete canvas.dataset.class;
+    delete canvas.dataset.method;
+  }
+  $("caption").textContent = "";
+  $("unlikely").hidden = true;
+  $("result").classList.add("empty");
+  setComparing(false);
+  if (!keepPredictions) {
+    state.predictions = [];
+    renderTop5();
+    $("compare").disabled = true;
+  }
+  updateDownloads();
+}
+
+// One computation for the main view: the picture on screen is marked as being recomputed,
+// the elapsed time shows with a Cancel button, and an error clears the result.
+async function mainJob(message, work, keepPredictions) {
+  const controller = beginFlight("main");
   const generation = state.generation;
   setStatus(message, "busy");
+  setRecomputing(true);
+  startProgress();
   try {
-    await action(generation);
-    if (generation === state.generation) setStatus(describeSource());
+    await work(controller.signal, generation);
+    if (flights.main === controller) setStatus(describeSource());
   } catch (error) {
-    if (generation === state.generation) setStatus(error.message, "error");
+    if (isAbort(error) || controller.signal.aborted) return; // who cancelled says so
+    if (generation === state.generation) {
+      clearResult(keepPredictions);
+      setStatus(error.message, "error");
+    }
+  } finally {
+    if (flights.main === controller) {
+      flights.main = null;
+      stopProgress();
+      setRecomputing(false);
+    }
   }
+}
+
+function cancelMain() {
+  cancelFlight("main");
+  stopProgress();
+  setRecomputing(false);
+  setStatus("Cancelled. Pick a class, a method or an image to go on.");
 }
 
 function describeSource() {
@@ -219,48 +362,68 @@ function describeSource() {
 function startOver(source) {
   if (source) {
     state.source = source;
-    state.photo = null;
     state.selected = null;
   }
   if (!state.source) return;
   state.generation++;
   state.maps.clear();
-  $("methods").innerHTML = "";
+  state.photo = null;
   $("compare").disabled = true;
-  run(`Explaining with ${$("method").value}…`, async (generation) => {
-    const response = await requestExplain($("method").value, "top5");
+  if (source) clearResult(false); // another photo: the old picture is not of it
+  else setComparing(false);
+  mainJob(`Explaining with ${$("method").value}…`, async (signal, generation) => {
+    const response = await requestExplain($("method").value, "top5", signal);
     if (generation !== state.generation) return;
     await absorb(response);
     state.predictions = response.predictions;
     renderTop5();
     const keep = state.selected !== null && state.selected < state.labels.length;
-    await selectClass(keep ? state.selected : response.maps[0].class, generation);
+    state.selected = keep ? state.selected : response.maps[0].class;
+    await showClass(state.selected, signal, generation);
     $("compare").disabled = false;
-  });
+  }, false);
 }
 
-async function selectClass(classId, generation = state.generation) {
+function selectClass(classId) {
   state.selected = classId;
-  const key = mapKey($("model").value, $("method").value, classId);
-  if (!state.maps.has(key)) {
-    setStatus(`Explaining class ${classId}…`, "busy");
-    try {
-      await explainClass($("method").value, classId);
-    } catch (error) {
-      setStatus(error.message, "error");
-      return;
-    }
+  const cached = state.maps.get(mapKey($("model").value, $("method").value, classId));
+  if (cached) {
+    if (flights.main) cancelMain();
     setStatus(describeSource());
-  }
-  if (generation === state.generation && state.selected === classId) {
+    state.shown = cached;
     redraw();
-    if (state.comparing) compareMethods(generation);
+    if (state.comparing) compareMethods();
+    return;
+  }
+  mainJob(`Explaining class ${classId}…`, (signal, generation) =>
+    showClass(classId, signal, generation), true);
+}
+
+async function showClass(classId, signal, generation) {
+  const record = await explainClass($("method").value, classId, signal);
+  if (generation !== state.generation || state.selected !== classId) return;
+  state.shown = record;
+  redraw();
+  if (state.comparing) compareMethods();
+}
+
+function setComparing(on) {
+  const changed = on !== state.comparing;
+  state.comparing = on;
+  $("compare").setAttribute("aria-pressed", String(on));
+  $("compare").textContent = on ? "Stop comparing" : "Compare methods";
+  if (on && changed) compareMethods();
+  if (!on) {
+    cancelFlight("compare");
+    state.compareToken++;
+    $("methods").innerHTML = "";
   }
 }
 
-async function compareMethods(generation = state.generation) {
-  state.comparing = true;
+async function compareMethods() {
+  const controller = beginFlight("compare");
   const token = ++state.compareToken;
+  const generation = state.generation;
   const classId = state.selected;
   const grid = $("methods");
   grid.innerHTML = "";
@@ -277,15 +440,17 @@ async function compareMethods(generation = state.generation) {
     const canvas = figure.querySelector("canvas");
     const caption = figure.querySelector("figcaption");
     try {
-      const record = await explainClass(canvas.dataset.method, classId);
+      const record = await explainClass(canvas.dataset.method, classId, controller.signal);
       if (token !== state.compareToken || generation !== state.generation) return;
       paint(canvas, record);
       caption.textContent =
         `${record.response.method}${describeOptions(record.response)} · ${record.response.layer}`;
     } catch (error) {
+      if (isAbort(error) || token !== state.compareToken) return;
       caption.textContent = `${canvas.dataset.method}: ${error.message}`;
     }
   }
+  if (flights.compare === controller) flights.compare = null;
 }
 
 function searchClass(event) {
@@ -325,9 +490,48 @@ function download(blob, name) {
   setTimeout(() => URL.revokeObjectURL(link.href), 1000);
 }
 
-function baseName() {
+function baseName(record) {
   const name = state.source.file ? state.source.file.name : state.source.sample;
-  return `${name.replace(/\.[^.]*$/, "").replace(/[^\w.-]+/g, "_")}_${$("method").value}_c${state.selected}`;
+  const stem = name.replace(/\.[^.]*$/, "").replace(/[^\w.-]+/g, "_");
+  return `${stem}_${record.response.method}_c${record.entry.class}`;
+}
+
+// The JSON of what the screen shows: its colour map, opacity and box setting, the top 5 and
+// every class map computed for this image with this method (class, probability, logit, box).
+// The pictures (PNG data URLs: the overlay as drawn here, the 8-bit map, the photo) only
+// when asked for.
+function answerJSON(record, withPictures) {
+  const response = record.response;
+  const maps = [];
+  for (const other of state.maps.values()) {
+    if (other.response.model !== response.model || other.response.method !== response.method) {
+      continue;
+    }
+    const { overlay, heatmap, ...entry } = other.entry;
+    if (withPictures) Object.assign(entry, { heatmap });
+    maps.push(entry);
+  }
+  const answer = {
+    image: state.source.file ? state.source.file.name : state.source.sample,
+    model: response.model,
+    method: response.method,
+    method_options: response.method_options,
+    layer: response.layer,
+    identity_error: response.identity_error,
+    size: response.size,
+    display_size: response.display.size,
+    colormap: $("colormap").value,
+    alpha: parseFloat($("opacity").value),
+    box_shown: $("show-box").checked,
+    shown_class: record.entry.class,
+    predictions: state.predictions,
+    maps,
+  };
+  if (withPictures) {
+    answer.overlay = $("overlay").toDataURL("image/png");
+    answer.photo = response.display.image;
+  }
+  return answer;
 }
 
 function fillSelect(select, values, chosen) {
@@ -345,6 +549,7 @@ async function init() {
   fillSelect($("method"), config.methods, config.default_method);
   fillSelect($("colormap"), config.colormaps, config.colormaps[0]);
   fillSelect($("sample"), config.samples, config.samples[0]);
+  drawLegend();
   await loadLabels();
 
   $("file-input").addEventListener("change", () => {
@@ -374,13 +579,16 @@ async function init() {
     $("opacity-value").textContent = parseFloat($("opacity").value).toFixed(2);
     redraw();
   });
-  $("compare").addEventListener("click", () => compareMethods());
-  $("download-png").addEventListener("click", () =>
-    $("overlay").toBlob((blob) => download(blob, `${baseName()}.png`), "image/png"));
+  $("compare").addEventListener("click", () => setComparing(!state.comparing));
+  $("cancel").addEventListener("click", cancelMain);
+  $("download-png").addEventListener("click", () => {
+    const name = `${baseName(state.shown)}.png`;
+    $("overlay").toBlob((blob) => download(blob, name), "image/png");
+  });
   $("download-json").addEventListener("click", () => {
-    const record = state.maps.get(mapKey($("model").value, $("method").value, state.selected));
-    const text = JSON.stringify(record.response, null, 2);
-    download(new Blob([text], { type: "application/json" }), `${baseName()}.json`);
+    const answer = answerJSON(state.shown, $("json-images").checked);
+    const text = JSON.stringify(answer, null, 2);
+    download(new Blob([text], { type: "application/json" }), `${baseName(state.shown)}.json`);
   });
   document.body.dataset.ready = "true";
 }
