@@ -25,7 +25,6 @@ import httpx
 import numpy as np
 import pytest
 import torch
-import uvicorn
 from PIL import Image
 from torch import nn
 
@@ -56,23 +55,14 @@ if not CHROMIUM.exists():
 
 from playwright.sync_api import Page, sync_playwright  # noqa: E402
 
+from serving import uvicorn_thread  # noqa: E402
+
 
 @contextlib.contextmanager
 def served(app):
     """``app`` on a free loopback port, in a thread; yields its URL."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
+    with uvicorn_thread(app) as port:
         yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,6 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-import uvicorn
 from click.testing import CliRunner
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, example, given, settings
@@ -41,26 +40,10 @@ from camlens.serve import create_app
 from camlens.serve.jobs import PAGE_COLORMAPS, parse_target
 from camlens.serve.limits import Admission, ReadBudget, WorkQueue
 from image_corpus import bilevel_png_bytes
+from serving import uvicorn_thread
 from test_serve_api import local_client, noise_image, png_bytes, tiny_classifier
 
 SLOW_CLIENTS = 20
-
-
-@contextlib.contextmanager
-def uvicorn_thread(app):
-    """``app`` served by uvicorn on a free loopback port, in a thread; yields the port."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
-    try:
-        yield server.servers[0].sockets[0].getsockname()[1]
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 def start_slow_upload(port: int, length: int = 10_000) -> socket.socket:
