@@ -1,7 +1,8 @@
 """Speed of camlens's CAM family against pytorch-grad-cam (issue 3, performance section).
 
-1. Gradient methods (Grad-CAM, Grad-CAM++, HiResCAM, XGradCAM, LayerCAM) and Eigen-CAM on
-   the built-in EfficientNet-Lite0, one batch (16 images at 224 px by default), raw maps for
+1. Gradient methods (Grad-CAM, Grad-CAM++, HiResCAM, XGradCAM, LayerCAM, Grad-CAM
+   element-wise, EigenGrad-CAM, Shapley-CAM) and the forward-only Eigen-CAM, FEM and
+   KPCA-CAM on the built-in EfficientNet-Lite0, one batch (16 images at 224 px by default), raw maps for
    the top-1 class. pytorch-grad-cam targets the same feature map through the Identity tap of
    ``run.TappedEfficientNet``. Target: camlens <= 0.5 x pytorch-grad-cam.
 2. Score-CAM on torchvision's ResNet-18 (random weights), layer ``layer4`` (512 channels),
@@ -43,6 +44,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import camlens
+import camlens.methods
 import run as bench
 from camlens.io.samples import SAMPLES, sample_image
 
@@ -56,6 +58,11 @@ GRADIENT_METHODS = {
     "XGradCAM": ("XGradCAM", "XGradCAM"),
     "LayerCAM": ("LayerCAM", "LayerCAM"),
     "Eigen-CAM": ("EigenCAM", "EigenCAM"),
+    "Grad-CAM element-wise": ("GradCAMElementWise", "GradCAMElementWise"),
+    "EigenGrad-CAM": ("EigenGradCAM", "EigenGradCAM"),
+    "Shapley-CAM": ("ShapleyCAM", "ShapleyCAM"),
+    "FEM": ("FEM", "FEM"),
+    "KPCA-CAM": ("KPCACAM", "KPCA_CAM"),
 }
 GRADIENT_LIMIT = 0.5
 FLOOR_LIMIT = 1.2
@@ -121,7 +128,7 @@ def gradient_contenders(model: camlens.Classifier, x: torch.Tensor) -> list[benc
     tapped = bench.TappedEfficientNet(module)
     contenders = []
     for label, (ours, theirs) in GRADIENT_METHODS.items():
-        method = getattr(camlens, ours)(module)
+        method = getattr(camlens.methods, ours)(module)
         contenders.append(bench.Contender(f"{label} | {CAMLENS}", lambda m=method: m(x, "top1")))
         pgc = bench.guarded(
             f"{label} | {PGC}",

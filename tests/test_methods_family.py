@@ -35,7 +35,8 @@ from tiny_models_family import (
 )
 
 NEW = ["gradcam++", "hirescam", "xgradcam", "layercam", "scorecam", "ablationcam", "eigencam"]
-ALL = [*NEW, "random"]
+MORE = ["gradcamelementwise", "eigengradcam", "finercam", "shapleycam", "fem", "kpcacam"]
+ALL = [*NEW, *MORE, "random"]
 GRADIENT = ["gradcam++", "hirescam", "xgradcam", "layercam"]
 PERTURBATION = ["scorecam", "ablationcam"]
 
@@ -431,7 +432,7 @@ def test_cuda_matches_cpu(name):
 
 
 def test_names_and_aliases():
-    assert list(METHODS) == ["cam", "gradcam", *NEW, "random"]
+    assert list(METHODS) == ["cam", "gradcam", *NEW, *MORE, "random"]
     for spelling in ("gradcam++", "Grad-CAM++", "gradcampp", "grad_cam_plus_plus"):
         assert get_method(spelling) is GradCAMPlusPlus
     assert get_method("Layer-CAM") is LayerCAM and get_method("score_cam") is ScoreCAM

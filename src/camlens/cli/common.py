@@ -2,7 +2,7 @@
 
 Every option that appears in several commands is defined here once, with one help text:
 ``--out``, ``--model``/``--weights``/``--labels``/``--trust-model``/``--random-weights``,
-``--method``/``--max-channels``/``--smooth``, ``--layer``, ``--device`` and the batch options
+``--method``/``--max-channels``/``--smooth``/``--aug-smooth``/``--eigen-smooth``, ``--layer``, ``--device`` and the batch options
 (``--batch-size``, ``--engine``, ``--ray-address``, ``--workers``, ``--resume``,
 ``--overwrite``). Exit status, everywhere: 0 all inputs done, 1 some inputs failed (the rest
 was processed), 2 usage or configuration error, 130 interrupted (Ctrl-C).
@@ -198,6 +198,14 @@ METHOD_HELP = (
 
 MAX_CHANNELS_HELP = "scorecam/ablationcam: use only the N most active channels (faster)."
 SMOOTH_HELP = "Gradient methods: average over this many noisy copies (SmoothGrad); 0 = off."
+AUG_SMOOTH_HELP = (
+    "Average the maps of the image flipped or not, times 0.9, 1 and 1.1 (test-time "
+    "augmentation; 6 passes). Not random."
+)
+EIGEN_SMOOTH_HELP = (
+    "Channel-weighted methods (cam, gradcam, gradcam++, xgradcam): map = first principal "
+    "component of the weighted activations."
+)
 
 #: ``--layer``: the feature layer the maps come from.
 layer_option = click.option(
@@ -206,14 +214,20 @@ layer_option = click.option(
 
 
 def method_options(function=None, *, default: str = "cam", several: bool = False):
-    """``--method``, ``--max-channels`` and ``--smooth``; the command gets ``method`` (the
-    name, or comma-separated names with ``several``) and ``method_options`` (the options
-    given, as keyword arguments of the methods)."""
+    """``--method``, ``--max-channels``, ``--smooth``, ``--aug-smooth`` and
+    ``--eigen-smooth``; the command gets ``method`` (the name, or comma-separated names with
+    ``several``) and ``method_options`` (the options given, as keyword arguments of the
+    methods)."""
 
     def decorate(function):
         @functools.wraps(function)
-        def command(*args, max_channels, smooth, **kwargs):
-            options = {"max_channels": max_channels, "smooth": smooth}
+        def command(*args, max_channels, smooth, aug_smooth, eigen_smooth, **kwargs):
+            options = {
+                "max_channels": max_channels,
+                "smooth": smooth,
+                "aug_smooth": aug_smooth,
+                "eigen_smooth": eigen_smooth,
+            }
             chosen = {key: value for key, value in options.items() if value}
             return function(*args, method_options=chosen, **kwargs)
 
@@ -237,6 +251,8 @@ def method_options(function=None, *, default: str = "cam", several: bool = False
                     type=click.IntRange(min=0),
                     help=SMOOTH_HELP,
                 ),
+                click.option("--aug-smooth", is_flag=True, help=AUG_SMOOTH_HELP),
+                click.option("--eigen-smooth", is_flag=True, help=EIGEN_SMOOTH_HELP),
             ],
         )
 

@@ -117,8 +117,8 @@ def evaluate(
 
     ANNOTATIONS is a CSV (image,x0,y0,x1,y1,label), a COCO .json, Pascal VOC .xml files or a
     folder with images/ and masks/. Labels are the model's class names. --method takes a
-    comma-separated list or 'all' (default: cam,gradcam); --max-channels and --smooth reach
-    every method that takes them.
+    comma-separated list or 'all' (default: cam,gradcam); --max-channels, --smooth,
+    --aug-smooth and --eigen-smooth reach every method that takes them.
 
     Each batch's records are appended to OUT/evaluation.jsonl as it completes, so a killed
     run continues with --resume (same settings; complete batches are kept). A non-empty --out

@@ -12,6 +12,8 @@ from pathlib import Path
 import click
 
 from camlens.cli.common import (
+    AUG_SMOOTH_HELP,
+    EIGEN_SMOOTH_HELP,
     EXIT_USAGE,
     MAX_CHANNELS_HELP,
     METHOD_HELP,
@@ -104,6 +106,8 @@ from camlens.errors import ConfigError
     type=click.IntRange(min=0),
     help=SMOOTH_HELP,
 )
+@click.option("--aug-smooth", is_flag=True, help=AUG_SMOOTH_HELP)
+@click.option("--eigen-smooth", is_flag=True, help=EIGEN_SMOOTH_HELP)
 @click.option(
     "--body-timeout",
     default=30.0,
@@ -144,6 +148,8 @@ def serve(
     layer: str | None,
     max_channels: int,
     smooth: int,
+    aug_smooth: bool,
+    eigen_smooth: bool,
     body_timeout: float,
     allow_origins: tuple[str, ...],
     allow_hosts: tuple[str, ...],
@@ -176,6 +182,8 @@ def serve(
         "threads": threads,
         "max_channels": max_channels or None,
         "smooth": smooth,
+        "aug_smooth": aug_smooth,
+        "eigen_smooth": eigen_smooth,
         "layer": layer,
         "method": method,
         "max_pixels": max_pixels or None,

@@ -5,8 +5,10 @@ from __future__ import annotations
 from camlens.methods.base import CAMMethod, MethodResult, Step
 from camlens.methods.baseline import RandomCAM
 from camlens.methods.cam import CAM
+from camlens.methods.contrastive import FinerCAM, ShapleyCAM
 from camlens.methods.gradient import (
     GradCAM,
+    GradCAMElementWise,
     GradCAMPlusPlus,
     HiResCAM,
     LayerCAM,
@@ -14,7 +16,7 @@ from camlens.methods.gradient import (
     fuse_maps,
 )
 from camlens.methods.perturbation import AblationCAM, PerturbationMethod, ScoreCAM
-from camlens.methods.projection import EigenCAM
+from camlens.methods.projection import KPCACAM, EigenCAM, EigenGradCAM
 from camlens.methods.registry import (
     ALIASES,
     METHODS,
@@ -23,15 +25,21 @@ from camlens.methods.registry import (
     make_method,
     options_for,
 )
+from camlens.methods.statistical import FEM
 
 __all__ = [
     "ALIASES",
     "CAM",
+    "FEM",
+    "KPCACAM",
     "METHODS",
     "AblationCAM",
     "CAMMethod",
     "EigenCAM",
+    "EigenGradCAM",
+    "FinerCAM",
     "GradCAM",
+    "GradCAMElementWise",
     "GradCAMPlusPlus",
     "HiResCAM",
     "LayerCAM",
@@ -39,6 +47,7 @@ __all__ = [
     "PerturbationMethod",
     "RandomCAM",
     "ScoreCAM",
+    "ShapleyCAM",
     "Step",
     "XGradCAM",
     "check_method",

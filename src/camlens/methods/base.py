@@ -18,11 +18,24 @@ from torch import nn
 from camlens.errors import ConfigError
 from camlens.hooks import LayerCapture, get_layer, preserved_state
 from camlens.layers import CamHead, find_cam_head
+from camlens.methods.linalg import weighted_first_component
 from camlens.models.checkpoints import TORCHSCRIPT_NOT_HOOKABLE
 from camlens.models.outputs import OutputSpec, select_logits
 from camlens.targets import Target, resolve_targets
 
 LayerSpec = str | Sequence[str] | None
+
+#: ``aug_smooth``'s test-time augmentations, as pytorch-grad-cam's default ``tta_transforms``
+#: (ttach's ``HorizontalFlip()`` x ``Multiply([0.9, 1, 1.1])``): (flip horizontally, factor
+#: that multiplies the input's values). The identity comes first: its pass gives the logits.
+AUGMENTATIONS: tuple[tuple[bool, float], ...] = (
+    (False, 1.0),
+    (False, 0.9),
+    (False, 1.1),
+    (True, 0.9),
+    (True, 1.0),
+    (True, 1.1),
+)
 
 
 @dataclass
@@ -35,7 +48,8 @@ class MethodResult:
         targets: (N, K) long, the explained classes.
         layer: qualified name of the layer the maps come from (several layers fused:
             their names joined by commas).
-        identity_error: for CAM, max |mean(M_c) + b_c - y_c| over the batch; else None.
+        identity_error: for CAM, max |mean(M_c) + b_c - y_c| over the batch; else None (and
+            None with ``eigen_smooth`` or ``aug_smooth``, whose maps do not decompose ``y_c``).
     """
 
     raw: torch.Tensor
@@ -115,6 +129,19 @@ class CAMMethod:
             The targets are resolved once, on the clean input; ``logits`` are the clean ones.
         smooth_sigma: standard deviation of the Gaussian noise, as a fraction of each image's
             value range ``max(x_n) - min(x_n)`` (0.15, SmoothGrad's recommended level).
+        eigen_smooth: channel-weighted methods only (``eigen_smooth_applies``: those whose map
+            is ``sum_k w_k A_k``, e.g. cam, gradcam, gradcam++, xgradcam): replace each
+            (image, target) map by the projection of its weighted activations ``w_k A_k``
+            (an (h w, C) matrix, centred) on their first principal component, as
+            pytorch-grad-cam's ``eigen_smooth``. The sign is chosen so that the map correlates
+            positively with the plain map it replaces (``linalg.weighted_first_component``).
+            Methods that compute their maps otherwise (hirescam, layercam, eigencam, random,
+            and scorecam / ablationcam, which override ``compute_raw``) refuse it.
+        aug_smooth: average the raw maps over the input flipped horizontally or not, times
+            0.9, 1 and 1.1 (``AUGMENTATIONS``, pytorch-grad-cam's ``aug_smooth``): each map of
+            a flipped copy is flipped back; the targets are the clean input's and ``logits``
+            the clean ones. Six passes (each one smoothed too with ``smooth``). Refused by
+            methods whose maps do not follow the input (``aug_smooth_applies``: random).
 
     Example:
         >>> from torch import nn
@@ -138,6 +165,22 @@ class CAMMethod:
     name: ClassVar[str] = "base"
     needs_gradients: ClassVar[bool] = False
     fuses_layers: ClassVar[bool] = False
+    #: Whether the maps are ``weighted_sum(channel_weights, feature_maps)``, so that
+    #: ``eigen_smooth`` has weighted activations to project. Set for each subclass from where
+    #: ``compute_raw`` comes from: the base's (a channel-weighted sum: True) or an override
+    #: (False, unless the class that overrides it sets True and calls ``weighted_sum``).
+    eigen_smooth_applies: ClassVar[bool] = True
+    #: Whether averaging the maps of flipped / brightened copies of the input means anything
+    #: (False for maps that do not depend on the input, e.g. the random baseline).
+    aug_smooth_applies: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if "eigen_smooth_applies" not in vars(cls):
+            owner = next(k for k in cls.__mro__ if "compute_raw" in vars(k))
+            cls.eigen_smooth_applies = owner is CAMMethod or (
+                owner is not cls and bool(vars(owner).get("eigen_smooth_applies", False))
+            )
 
     def __init__(
         self,
@@ -149,6 +192,8 @@ class CAMMethod:
         labels: Sequence[str] | None = None,
         smooth: int = 0,
         smooth_sigma: float = 0.15,
+        eigen_smooth: bool = False,
+        aug_smooth: bool = False,
     ) -> None:
         if not isinstance(module, nn.Module):
             raise ConfigError(f"{type(self).__name__} needs an nn.Module, got {type(module)}")
@@ -163,8 +208,19 @@ class CAMMethod:
             )
         if smooth and not self.needs_gradients:
             raise ConfigError(
-                f"smooth={smooth}: noise smoothing applies to gradient methods (gradcam, "
-                f"gradcam++, hirescam, xgradcam, layercam); {self.name} does not use gradients"
+                f"smooth={smooth}: noise smoothing applies to gradient methods (those that "
+                f"use gradients); {self.name} does not use gradients"
+            )
+        if eigen_smooth and not self.eigen_smooth_applies:
+            raise ConfigError(
+                f"eigen_smooth: {self.name} is not a channel-weighted sum sum_k w_k A_k (it "
+                "computes its maps otherwise), so there are no weighted activations to project; "
+                "it applies to channel-weighted methods such as cam, gradcam, gradcam++, xgradcam"
+            )
+        if aug_smooth and not self.aug_smooth_applies:
+            raise ConfigError(
+                f"aug_smooth: the maps of {self.name} do not depend on the input's content, so "
+                "averaging them over flipped and brightened copies of the input means nothing"
             )
         self.module = module
         self.layer = layer
@@ -173,6 +229,8 @@ class CAMMethod:
         self.labels = labels
         self.smooth = smooth
         self.smooth_sigma = smooth_sigma
+        self.eigen_smooth = bool(eigen_smooth)
+        self.aug_smooth = bool(aug_smooth)
         self.head: CamHead | None = None
         self.heads: list[CamHead] | None = None
         self.layer_calls = 0  # how often the (last) feature layer ran in the last forward
@@ -211,18 +269,41 @@ class CAMMethod:
             x = x.clone()
         with preserved_state(self.module):
             heads = self.resolve_heads(x)
-            if self.smooth:
-                raw, logits, ids = self._smoothed(x, targets)
+            if self.aug_smooth:
+                raw, logits, ids = self._augmented(x, targets)
             else:
-                raw, logits, ids = self._explain_once(x, targets)
+                raw, logits, ids = self._explain(x, targets)
         result = MethodResult(
             raw=raw.detach().float(),
             logits=logits.detach(),
             targets=ids,
             layer=",".join(h.feature_layer for h in heads),
         )
-        self.check(result)
+        if not (self.eigen_smooth or self.aug_smooth):  # else not the method's own map
+            self.check(result)
         return result
+
+    def _explain(
+        self, x: torch.Tensor, targets: Target
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The maps of ``x``, smoothed over noisy copies when ``smooth`` is set."""
+        return self._smoothed(x, targets) if self.smooth else self._explain_once(x, targets)
+
+    def _augmented(
+        self, x: torch.Tensor, targets: Target
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Mean raw map over ``AUGMENTATIONS`` of ``x`` (flipped maps flipped back), for the
+        clean input's targets; the logits are the clean input's (the identity's pass)."""
+        total, logits, ids = None, None, targets
+        for flip, factor in AUGMENTATIONS:
+            augmented = x if factor == 1 else x * factor
+            augmented = augmented.flip(-1) if flip else augmented
+            raw, pass_logits, pass_ids = self._explain(augmented, ids)
+            if logits is None:  # the first augmentation is the identity
+                logits, ids = pass_logits, pass_ids
+            raw = raw.flip(-1) if flip else raw
+            total = raw if total is None else total + raw
+        return total / len(AUGMENTATIONS), logits, ids
 
     def _explain_once(
         self, x: torch.Tensor, targets: Target
@@ -291,12 +372,20 @@ class CAMMethod:
     def compute_raw(self, step: Step) -> torch.Tensor:
         """(N, K, h, w) raw maps of one layer's ``step``.
 
-        Default: ``combine(channel_weights(step), feature_maps(step.activation))``. Methods
-        that are not a channel-weighted sum (element-wise gradients, projections,
+        Default: ``weighted_sum(channel_weights(step), feature_maps(step.activation))``.
+        Methods that are not a channel-weighted sum (element-wise gradients, projections,
         perturbations that need the input ``step.x``) override this instead of
         ``channel_weights``.
         """
-        return self.combine(self.channel_weights(step), self.feature_maps(step.activation))
+        return self.weighted_sum(self.channel_weights(step), self.feature_maps(step.activation))
+
+    def weighted_sum(self, weights: torch.Tensor, activation: torch.Tensor) -> torch.Tensor:
+        """``combine(weights, activation)``, or with ``eigen_smooth`` the first principal
+        component of the weighted activations (``linalg.weighted_first_component``): (N, K, C)
+        x (N, C, h, w) -> (N, K, h, w)."""
+        if self.eigen_smooth:
+            return weighted_first_component(weights, activation)
+        return self.combine(weights, activation)
 
     def fuse_layers(self, step: Step) -> torch.Tensor:
         """(N, K, h, w) maps fused from ``step.activations``, several layers' outputs

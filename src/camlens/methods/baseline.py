@@ -21,9 +21,12 @@ class RandomCAM(CAMMethod):
     maps come from a ``torch.Generator`` seeded with ``seed`` when the method is created and
     advanced by each call: the same seed and the same sequence of batches give the same maps.
     The model still runs once per call (for the targets, logits and the feature shape).
+    ``aug_smooth`` does not apply (the maps do not depend on the input: averaging six of them
+    would only change the baseline's distribution); ``eigen_smooth`` neither (no weights).
     """
 
     name = "random"
+    aug_smooth_applies = False
 
     def __init__(
         self, module: nn.Module, layer: LayerSpec = None, *, seed: int = 0, **options: Any

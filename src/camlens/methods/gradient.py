@@ -1,4 +1,5 @@
-"""Gradient-weighted methods: Grad-CAM, Grad-CAM++, HiResCAM, XGrad-CAM, Layer-CAM.
+"""Gradient-weighted methods: Grad-CAM, Grad-CAM++, HiResCAM, Grad-CAM element-wise,
+XGrad-CAM, Layer-CAM.
 
 All of them differentiate the target's logit ``y_c`` (pre-softmax score) with respect to the
 feature layer's output ``A`` only (``CAMMethod.target_gradients``), and compute in float32
@@ -116,6 +117,32 @@ class HiResCAM(_Float32GradientMethod):
     def compute_raw(self, step: Step) -> torch.Tensor:
         grads, maps = self.float_gradients(step)
         return (grads * maps[:, None]).sum(dim=2)
+
+
+class GradCAMElementWise(_Float32GradientMethod):
+    """Grad-CAM element-wise: the positive part of gradient times activation, summed.
+
+    ::
+
+        M_c[i, j] = sum_k relu( g_k[i, j] * A_k[i, j] )              (no ReLU on M_c itself)
+
+    The ReLU inside the sum is part of the method (each channel's positive contribution at
+    each position), not the normalisation: the raw map is non-negative. It is HiResCAM with
+    the negative terms dropped, position by position. On non-negative activations (post-ReLU
+    layers) ``relu(g A) = relu(g) A``, so it equals Layer-CAM there; on signed activations
+    it also keeps ``g < 0, A < 0`` terms, which Layer-CAM drops. On a GAP + linear head it is
+    ``sum_k relu(w_k^c A_k) / (h w)``.
+
+    No paper: this is pytorch-grad-cam's ``GradCAMElementWise`` (Gildenblat et al., the
+    ``pytorch-grad-cam`` library, https://github.com/jacobgil/pytorch-grad-cam), whose map
+    (after its own ReLU and min-max scaling) camlens reproduces.
+    """
+
+    name = "gradcamelementwise"
+
+    def compute_raw(self, step: Step) -> torch.Tensor:
+        grads, maps = self.float_gradients(step)
+        return (grads * maps[:, None]).relu().sum(dim=2)
 
 
 class XGradCAM(_Float32GradientMethod):

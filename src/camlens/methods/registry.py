@@ -10,9 +10,18 @@ from camlens.errors import ConfigError
 from camlens.methods.base import CAMMethod
 from camlens.methods.baseline import RandomCAM
 from camlens.methods.cam import CAM
-from camlens.methods.gradient import GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM
+from camlens.methods.contrastive import FinerCAM, ShapleyCAM
+from camlens.methods.gradient import (
+    GradCAM,
+    GradCAMElementWise,
+    GradCAMPlusPlus,
+    HiResCAM,
+    LayerCAM,
+    XGradCAM,
+)
 from camlens.methods.perturbation import AblationCAM, ScoreCAM
-from camlens.methods.projection import EigenCAM
+from camlens.methods.projection import KPCACAM, EigenCAM, EigenGradCAM
+from camlens.methods.statistical import FEM
 from camlens.models import Classifier
 
 METHODS: dict[str, type[CAMMethod]] = {
@@ -27,6 +36,12 @@ METHODS: dict[str, type[CAMMethod]] = {
         ScoreCAM,
         AblationCAM,
         EigenCAM,
+        GradCAMElementWise,
+        EigenGradCAM,
+        FinerCAM,
+        ShapleyCAM,
+        FEM,
+        KPCACAM,
         RandomCAM,
     )
 }
@@ -81,18 +96,22 @@ def check_method(method: str, options: Mapping[str, Any] | None = None) -> type[
     cls = get_method(method)
     refused = sorted(set(options or {}) - set(options_for(cls, options or {})))
     if refused:
+        eigen = ", ".join(name for name, klass in METHODS.items() if klass.eigen_smooth_applies)
+        no_aug = ", ".join(name for name, klass in METHODS.items() if not klass.aug_smooth_applies)
         raise ConfigError(
             f"method {cls.name!r} does not take the option(s) {', '.join(refused)} (smooth: "
-            "gradient methods; max_channels and batch_size: scorecam, ablationcam)"
+            "gradient methods; max_channels and batch_size: scorecam, ablationcam; "
+            f"eigen_smooth: {eigen}; aug_smooth: every method but {no_aug})"
         )
     return cls
 
 
 def options_for(method: str | type[CAMMethod], options: Mapping[str, Any]) -> dict[str, Any]:
     """The part of ``options`` that method ``method`` takes: ``smooth`` and ``smooth_sigma``
-    reach gradient methods only, every other option the methods whose class accepts it (e.g.
-    ``max_channels``: Score-CAM and Ablation-CAM). For runs of several methods with one set of
-    command-line options.
+    reach gradient methods only, a true ``eigen_smooth`` / ``aug_smooth`` the methods where it
+    applies (``eigen_smooth_applies``, ``aug_smooth_applies``), every other option the methods
+    whose class accepts it (e.g. ``max_channels``: Score-CAM and Ablation-CAM). For runs of
+    several methods with one set of command-line options.
 
     Example:
         >>> options_for("cam", {"smooth": 8, "max_channels": 64})
@@ -101,6 +120,8 @@ def options_for(method: str | type[CAMMethod], options: Mapping[str, Any]) -> di
         {'max_channels': 64}
         >>> options_for("gradcam", {"smooth": 8, "max_channels": 64})
         {'smooth': 8}
+        >>> options_for("hirescam", {"eigen_smooth": True, "aug_smooth": True})
+        {'aug_smooth': True}
     """
     cls = get_method(method) if isinstance(method, str) else method
     accepted = {
@@ -112,4 +133,16 @@ def options_for(method: str | type[CAMMethod], options: Mapping[str, Any]) -> di
     }
     if not cls.needs_gradients:
         accepted -= {"smooth", "smooth_sigma"}
-    return {key: value for key, value in options.items() if key in accepted}
+    refused_if_set = {
+        name
+        for name, applies in (
+            ("eigen_smooth", cls.eigen_smooth_applies),
+            ("aug_smooth", cls.aug_smooth_applies),
+        )
+        if not applies
+    }
+    return {
+        key: value
+        for key, value in options.items()
+        if key in accepted and not (key in refused_if_set and value)
+    }

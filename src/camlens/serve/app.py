@@ -90,6 +90,8 @@ def create_app(
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     max_channels: int | None = PERTURBATION_CHANNELS,
     smooth: int = 0,
+    aug_smooth: bool = False,
+    eigen_smooth: bool = False,
     layer: str | None = None,
     method: str = "cam",
     body_timeout: float = BODY_TIMEOUT_S,
@@ -114,6 +116,8 @@ def create_app(
         max_channels: Score-CAM and Ablation-CAM perturb only this many channels (those with
             the highest mean activation); None: all (minutes per image on a CPU).
         smooth: gradient methods average over this many noisy copies (SmoothGrad); 0: off.
+        aug_smooth, eigen_smooth: the methods' options of these names (``CAMMethod``), for
+            the methods they apply to.
         layer: the feature layer of every method (default: the model's, found automatically).
         method: the method of requests that name none (and the page's first choice).
         body_timeout: seconds a client has to send its whole request body (408 after);
@@ -172,7 +176,12 @@ def create_app(
     except ValueError as error:
         raise ConfigError(str(error)) from None
     default_method = get_method(method).name
-    method_options = {"max_channels": max_channels, "smooth": smooth}
+    method_options = {
+        "max_channels": max_channels,
+        "smooth": smooth,
+        "aug_smooth": aug_smooth,
+        "eigen_smooth": eigen_smooth,
+    }
     store = ModelStore(models, models_dir)
     queue = WorkQueue(workers=threads, max_waiting=max_queue)
     max_upload_bytes = int(max_upload_mb * MEGABYTE)

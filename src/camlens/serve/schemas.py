@@ -44,7 +44,7 @@ class ExplainResponse(BaseModel):
         description="CAM only: max |mean(M_c) + b_c - y_c|, the check that the map decomposes "
         "the score exactly."
     )
-    method_options: dict[str, int] = Field(
+    method_options: dict[str, bool | int] = Field(
         default_factory=dict,
         description="Settings the server applied to the method, e.g. max_channels: Score-CAM "
         "and Ablation-CAM perturb only the channels with the highest mean activation.",

@@ -37,7 +37,6 @@ which re-initialises copies of the model, is a separate step, :func:`sanity_chec
 
 from __future__ import annotations
 
-import inspect
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -53,7 +52,7 @@ from camlens.errors import ConfigError
 from camlens.io import ImageLoadError, load_image
 from camlens.io.annotations import Annotation, load_annotations
 from camlens.localize import normalize_maps
-from camlens.methods import METHODS, CAMMethod, get_method, make_method
+from camlens.methods import METHODS, CAMMethod, get_method, make_method, options_for
 from camlens.metrics.faithfulness import auc
 from camlens.metrics.registry import (
     MEASUREMENTS,
@@ -446,7 +445,8 @@ def build_methods(
 ) -> list[CAMMethod]:
     """Method instances for ``methods`` (names, instances, a comma-separated string or
     ``"all"``), one per distinct method, in order. Each method made here receives the
-    ``options`` its class takes (``smooth``: every method; ``max_channels``: Score-CAM and
+    ``options`` its class takes (``camlens.methods.options_for``: ``smooth``: gradient
+    methods; ``eigen_smooth``: channel-weighted ones; ``max_channels``: Score-CAM and
     Ablation-CAM); an option that none of them takes is a ``ConfigError``. Instances are used
     as they are.
 
@@ -463,7 +463,7 @@ def build_methods(
         if isinstance(item, CAMMethod):
             instances.append(item)
             continue
-        taken = {k: v for k, v in options.items() if k in _keywords(get_method(item))}
+        taken = options_for(get_method(item), options)
         used.update(taken)
         instances.append(make_method(classifier, item, layer, **taken))
     unused = [k for k in options if k not in used]
@@ -495,25 +495,6 @@ def distinct_methods(methods: Sequence[str | CAMMethod] | str) -> list[str | CAM
         name = item.name if isinstance(item, CAMMethod) else get_method(item).name
         chosen.setdefault(name, item if isinstance(item, CAMMethod) else name)
     return list(chosen.values())
-
-
-def _keywords(cls: type) -> set[str]:
-    """The keyword arguments the constructor of ``cls`` takes (following ``**options`` up to
-    the base classes)."""
-    names: set[str] = set()
-    for klass in cls.__mro__:
-        init = klass.__dict__.get("__init__")
-        if init is None:
-            continue
-        parameters = inspect.signature(init).parameters.values()
-        names.update(
-            p.name
-            for p in parameters
-            if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-        )
-        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
-            break
-    return names
 
 
 # --- the sanity step ---------------------------------------------------------------------------
