@@ -49,6 +49,8 @@ def _help(command: str, option: str) -> str:
         ("--layer", METHOD_COMMANDS),
         ("--max-channels", ("explain", "demo", "evaluate", "audit")),
         ("--smooth", (*METHOD_COMMANDS, "demo")),
+        ("--aug-smooth", (*METHOD_COMMANDS, "demo")),
+        ("--eigen-smooth", (*METHOD_COMMANDS, "demo")),
     ],
 )
 def test_a_shared_option_has_one_help_text(option, commands):

@@ -35,8 +35,20 @@ from tiny_models_family import (
 )
 
 NEW = ["gradcam++", "hirescam", "xgradcam", "layercam", "scorecam", "ablationcam", "eigencam"]
-MORE = ["gradcamelementwise", "eigengradcam", "finercam", "shapleycam", "fem", "kpcacam"]
+MORE = [
+    "gradcamelementwise",
+    "eigengradcam",
+    "finercam",
+    "shapleycam",
+    "fem",
+    "kpcacam",
+    "guidedbackprop",
+    "guidedgradcam",
+    "fullgrad",
+]
 ALL = [*NEW, *MORE, "random"]
+#: Methods whose raw maps are at the input's resolution (gradients down to the pixels).
+INPUT_RESOLUTION = {"guidedbackprop", "guidedgradcam", "fullgrad"}
 GRADIENT = ["gradcam++", "hirescam", "xgradcam", "layercam"]
 PERTURBATION = ["scorecam", "ablationcam"]
 
@@ -376,7 +388,8 @@ def test_state_and_hooks_restored_after_success(name):
     model.stem.requires_grad_(False)
     before = model.stem[1].running_mean.clone()
     raw = get_method(name)(model, **_options(name))(torch.randn(2, 3, 8, 8), "top2")
-    assert raw.shape == (2, 2, 4, 4) and torch.isfinite(raw).all()
+    size = (8, 8) if name in INPUT_RESOLUTION else (4, 4)
+    assert raw.shape == (2, 2, *size) and torch.isfinite(raw).all()
     assert model.training and model.dropout.training and model.stem[1].training
     assert not any(p.requires_grad for p in model.stem.parameters())
     assert all(p.requires_grad for p in model.fc.parameters())
@@ -445,7 +458,8 @@ def test_every_method_through_the_api(name):
     x = torch.randn(2, 3, 8, 10)
     result = camlens.explain(model, x, method=name, target="top2")
     assert result.method == name and result.layer == "stage2"
-    assert result.raw.shape == (2, 2, 4, 5) and result.maps.shape == (2, 2, 8, 10)
+    size = (8, 10) if name in INPUT_RESOLUTION else (4, 5)
+    assert result.raw.shape == (2, 2, *size) and result.maps.shape == (2, 2, 8, 10)
     assert torch.equal(result.raw, get_method(name)(model)(x, "top2"))
 
 

@@ -8,11 +8,18 @@ pooling is a function such as ``x.mean((2, 3))``). When a container and its last
 tensor, the container finishes last and is chosen (``"layer4"`` rather than
 ``"layer4.1.relu"``). CAM is exact when the linear layer's input equals the spatial mean of
 that feature map (or of its ReLU, as in DenseNet, whose ReLU is a function, not a module).
+
+``cached_cam_head`` remembers what ``find_cam_head`` found, per module and per question, so
+that methods built anew for every call (``camlens.explain(model, x, method="cam")``) do not
+trace the model again each time; a change of the module's structure invalidates it (see
+``module_structure``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import weakref
+from collections.abc import Hashable
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -211,3 +218,120 @@ def _no_linear_reason(logits: torch.Tensor) -> str:
         f"no nn.Linear layer produces the model's logits (shape {tuple(logits.shape)}), so CAM "
         "has no class weights to use; use method='gradcam'"
     )
+
+
+# ------------------------------------------------------------------------------ head cache
+
+#: The structure of one submodule: (qualified name, type, its own parameters as
+#: (name, shape, dtype, device)).
+_ModulePart = tuple[str, type, tuple[tuple[str, torch.Size, torch.dtype, torch.device], ...]]
+
+
+@dataclass
+class _HeadCacheEntry:
+    """The heads found for one module while its structure stays ``structure``."""
+
+    structure: tuple[_ModulePart, ...]
+    submodules: tuple[weakref.ref, ...]  # identity of each submodule (not its id: ids recycle)
+    heads: dict[Hashable, CamHead] = field(default_factory=dict)
+
+    def matches(self, structure: tuple[_ModulePart, ...], submodules: list[nn.Module]) -> bool:
+        return self.structure == structure and all(
+            ref() is sub for ref, sub in zip(self.submodules, submodules, strict=True)
+        )
+
+
+_MAX_HEADS_PER_MODULE = 64
+_HEAD_CACHE: weakref.WeakKeyDictionary[nn.Module, _HeadCacheEntry] = weakref.WeakKeyDictionary()
+
+
+def module_structure(module: nn.Module) -> tuple[tuple[_ModulePart, ...], list[nn.Module]]:
+    """What a cached ``CamHead`` of ``module`` depends on, and its submodules in order.
+
+    The structure is, for every submodule (``named_modules()``, the module itself included):
+    its qualified name, its type, and the name, shape, dtype and device of each of its own
+    parameters; with the submodules' identities (kept as weak references by the cache) it
+    is what "the module changed" means for the cache:
+
+    - changes that invalidate: adding, removing or replacing a submodule (even by one of the
+      same type and size, e.g. a new ``nn.Linear`` or ``nn.AdaptiveAvgPool2d``), a parameter
+      that is added, removed or given another shape, dtype or device (``module.to(...)``,
+      ``fc.weight = nn.Parameter(...)`` of another width);
+    - changes that do not: new parameter *values* (training steps, ``load_state_dict``,
+      in-place edits), buffers, train/eval flags (heads are always found in eval mode), hooks.
+      The head's layers stay the same; CAM's exactness is still verified on every call
+      (``CAM.check``, ``MethodResult.identity_error``).
+    - changes it cannot see: in-place edits of a submodule's configuration that change its
+      computation but no parameter (``pool.output_size = 2``, ``conv.stride = 2``), or a
+      replaced ``forward``. Call ``clear_head_cache(module)`` after such an edit.
+
+    Costs one walk over the modules (well under a millisecond for an EfficientNet).
+    """
+    parts = []
+    submodules = []
+    for name, sub in module.named_modules():
+        submodules.append(sub)
+        params = tuple(
+            (key, p.shape, p.dtype, p.device) for key, p in sub._parameters.items() if p is not None
+        )
+        parts.append((name, type(sub), params))
+    return tuple(parts), submodules
+
+
+def cached_cam_head(
+    module: nn.Module,
+    example: torch.Tensor,
+    *,
+    layer: str | None = None,
+    call: int | None = None,
+    output: OutputSpec = None,
+) -> CamHead:
+    """``find_cam_head(module, example, layer=..., call=..., output=...)``, found once per module
+    and reused while the module's structure (``module_structure``) does not change.
+
+    The answer is kept per (module, ``layer``, ``call``, ``output``, the example's shape minus
+    the batch, dtype and device); the module is held by a weak reference, so the cache never
+    keeps a model alive. Like a method instance reused across calls, the answer comes from the
+    first example seen for that key (``find_cam_head`` looks at its first image). Errors
+    (``ConfigError``) are not cached. An ``output`` spec that cannot be hashed is never cached.
+
+    Not thread-safe in the sense of "one discovery only": two threads asking at once may both
+    trace the model (each gets a correct head; the last one stored wins). Nothing is shared
+    between threads but the dictionary, whose single operations are atomic in CPython.
+
+    Example:
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        ...                     nn.Linear(4, 2))
+        >>> x = torch.zeros(1, 3, 8, 8)
+        >>> cached_cam_head(net, x) is cached_cam_head(net, x)  # traced once
+        True
+        >>> net[3] = nn.Linear(4, 5)  # a replaced submodule: traced again
+        >>> cached_cam_head(net, x).classifier
+        '3'
+    """
+    key = (layer, call, output, tuple(example.shape[1:]), example.dtype, example.device)
+    try:
+        hash(key)
+    except TypeError:
+        return find_cam_head(module, example, layer=layer, call=call, output=output)
+    structure, submodules = module_structure(module)
+    entry = _HEAD_CACHE.get(module)
+    if entry is None or not entry.matches(structure, submodules):
+        entry = _HeadCacheEntry(structure, tuple(weakref.ref(sub) for sub in submodules))
+        _HEAD_CACHE[module] = entry
+    head = entry.heads.get(key)
+    if head is None:
+        head = find_cam_head(module, example, layer=layer, call=call, output=output)
+        if len(entry.heads) >= _MAX_HEADS_PER_MODULE:  # e.g. a new output lambda every call
+            entry.heads.clear()
+        entry.heads[key] = head
+    return head
+
+
+def clear_head_cache(module: nn.Module | None = None) -> None:
+    """Forget the heads ``cached_cam_head`` found for ``module`` (every module: None)."""
+    if module is None:
+        _HEAD_CACHE.clear()
+    else:
+        _HEAD_CACHE.pop(module, None)

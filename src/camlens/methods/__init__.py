@@ -15,6 +15,7 @@ from camlens.methods.gradient import (
     XGradCAM,
     fuse_maps,
 )
+from camlens.methods.guided import FullGrad, GuidedBackprop, GuidedGradCAM
 from camlens.methods.perturbation import AblationCAM, PerturbationMethod, ScoreCAM
 from camlens.methods.projection import KPCACAM, EigenCAM, EigenGradCAM
 from camlens.methods.registry import (
@@ -38,9 +39,12 @@ __all__ = [
     "EigenCAM",
     "EigenGradCAM",
     "FinerCAM",
+    "FullGrad",
     "GradCAM",
     "GradCAMElementWise",
     "GradCAMPlusPlus",
+    "GuidedBackprop",
+    "GuidedGradCAM",
     "HiResCAM",
     "LayerCAM",
     "MethodResult",

@@ -17,7 +17,7 @@ from torch import nn
 
 from camlens.errors import ConfigError
 from camlens.hooks import LayerCapture, get_layer, preserved_state
-from camlens.layers import CamHead, find_cam_head
+from camlens.layers import CamHead, cached_cam_head
 from camlens.methods.linalg import weighted_first_component
 from camlens.models.checkpoints import TORCHSCRIPT_NOT_HOOKABLE
 from camlens.models.outputs import OutputSpec, select_logits
@@ -346,27 +346,30 @@ class CAMMethod:
         return total / self.smooth, logits, ids
 
     def resolve_heads(self, x: torch.Tensor) -> list[CamHead]:
-        """The heads of every explained layer (one unless the method fuses layers)."""
-        if self.heads is None:
-            names = self._layer_names(self.layer)
-            if len(names) > 1:
-                self.heads = [
-                    find_cam_head(self.module, x, layer=n, call=self.call, output=self.output)
-                    for n in names
-                ]
-                self.head = self.heads[-1]
-            else:
-                self.heads = [self.resolve_head(x)]
+        """The heads of every explained layer (one unless the method fuses layers).
+
+        Looked up on every call in ``camlens.layers.cached_cam_head``: the model is traced
+        once per module, layer and input shape (also across method instances, as
+        ``camlens.explain`` builds one per call), and again only after the module's structure
+        changed (``camlens.layers.module_structure``).
+        """
+        names = self._layer_names(self.layer)
+        if len(names) > 1:
+            self.heads = [
+                cached_cam_head(self.module, x, layer=n, call=self.call, output=self.output)
+                for n in names
+            ]
+            self.head = self.heads[-1]
+        else:
+            self.heads = [self.resolve_head(x)]
         return self.heads
 
     def resolve_head(self, x: torch.Tensor) -> CamHead:
-        """Find (once) the feature layer, and the classifier when the method needs it."""
-        if self.head is None:
-            names = self._layer_names(self.layer)
-            layer = names[0] if names else None
-            self.head = find_cam_head(
-                self.module, x, layer=layer, call=self.call, output=self.output
-            )
+        """The feature layer, and the classifier when the method needs it (``find_cam_head``,
+        cached per module while its structure does not change: ``cached_cam_head``)."""
+        names = self._layer_names(self.layer)
+        layer = names[0] if names else None
+        self.head = cached_cam_head(self.module, x, layer=layer, call=self.call, output=self.output)
         return self.head
 
     def compute_raw(self, step: Step) -> torch.Tensor:

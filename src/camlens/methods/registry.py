@@ -19,6 +19,7 @@ from camlens.methods.gradient import (
     LayerCAM,
     XGradCAM,
 )
+from camlens.methods.guided import FullGrad, GuidedBackprop, GuidedGradCAM
 from camlens.methods.perturbation import AblationCAM, ScoreCAM
 from camlens.methods.projection import KPCACAM, EigenCAM, EigenGradCAM
 from camlens.methods.statistical import FEM
@@ -42,6 +43,9 @@ METHODS: dict[str, type[CAMMethod]] = {
         ShapleyCAM,
         FEM,
         KPCACAM,
+        GuidedBackprop,
+        GuidedGradCAM,
+        FullGrad,
         RandomCAM,
     )
 }
