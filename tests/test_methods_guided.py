@@ -4,7 +4,9 @@ pytorch-grad-cam, no side effects, and the public API."""
 from __future__ import annotations
 
 import copy
+import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -344,3 +346,46 @@ def test_eigen_smooth_refused_aug_smooth_and_smooth_work(name):
     torch.testing.assert_close(augmented.raw, sum(maps) / 6, rtol=1e-5, atol=1e-6)
     once = cls(model, smooth=1, smooth_sigma=0.0).run(x, "top1")
     torch.testing.assert_close(once.raw, plain.raw)
+
+
+def test_explain_writes_the_guided_pictures_beside_the_overlays(tmp_path):
+    """``run_explain`` with a guided method writes ``guided/<stem>_c<class>.png`` per map: the
+    paper's picture of the same gradients the method returns, at the overlay's size."""
+    from PIL import Image
+
+    from camlens.render import gradient_picture
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(4, 3),
+    ).eval()  # fmt: skip
+    classifier = camlens.load_model(net, labels=["a", "b", "c"], input_size=(16, 16))
+    images = tmp_path / "in"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("one.png", "two.png"):
+        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(images / name)
+    for name in ("guidedgradcam", "guidedbackprop"):
+        out = tmp_path / name
+        run = camlens.run_explain(classifier, [images], out, method=name, target="top2",
+                                  options=camlens.RunOptions(progress=False))  # fmt: skip
+        assert run.n_ok == 2
+        records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+        method = get_method(name)(net)
+        for record in records:
+            x = classifier.preprocess(record["input"])
+            method(x, "top2")
+            expected = method.picture_gradients()[0]
+            for k, entry in enumerate(record["maps"]):
+                written = Image.open(out / entry["guided"])
+                overlay = Image.open(out / entry["overlay"])
+                assert written.size == overlay.size == (24, 20)
+                picture = gradient_picture(expected[k].numpy(), size=overlay.size)
+                np.testing.assert_array_equal(np.asarray(written), np.asarray(picture))
+    plain = tmp_path / "gradcam"
+    camlens.run_explain(classifier, [images], plain, method="gradcam",
+                        options=camlens.RunOptions(progress=False))  # fmt: skip
+    assert not (plain / "guided").exists()
+    assert all("guided" not in m for line in (plain / "results.jsonl").read_text().splitlines()
+               for m in json.loads(line)["maps"])  # fmt: skip

@@ -189,6 +189,32 @@ def overlay(
     return out
 
 
+def gradient_picture(gradient: np.ndarray, size: tuple[int, int] | None = None) -> Image.Image:
+    """An input gradient (C, H, W) as an RGB picture, the way the Grad-CAM paper shows guided
+    backpropagation: centred on grey, ``0.5 + 0.1 * (g - mean) / std``, clipped to [0, 1].
+
+    Parameters:
+        gradient: (3, H, W) or (1, H, W) gradient with respect to the model input.
+        size: (width, height) of the picture (bilinear resize; default: the gradient's).
+
+    Returns:
+        An RGB ``PIL.Image.Image``.
+
+    Example:
+        >>> g = np.zeros((3, 2, 2), dtype=np.float32); g[0, 0, 0] = 1.0
+        >>> picture = gradient_picture(g)
+        >>> picture.size, picture.getpixel((0, 0)), picture.getpixel((1, 1))
+        ((2, 2), (212, 120, 120), (120, 120, 120))
+    """
+    values = np.asarray(gradient, dtype=np.float64)
+    if values.ndim != 3 or values.shape[0] not in (1, 3):
+        raise ValueError(f"expected a (3, H, W) or (1, H, W) gradient, got {values.shape}")
+    values = (values - values.mean()) / (values.std() + 1e-5) * 0.1 + 0.5
+    pixels = np.rint(np.clip(values, 0.0, 1.0) * 255).astype(np.uint8)
+    picture = Image.fromarray(np.repeat(pixels, 3 // len(pixels), axis=0).transpose(1, 2, 0))
+    return picture.resize(size, Image.BILINEAR) if size and size != picture.size else picture
+
+
 def topk_figure(
     image: Image.Image,
     overlays: Sequence[Image.Image],

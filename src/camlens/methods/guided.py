@@ -217,6 +217,11 @@ class GuidedBackprop(_InputGradientMethod):
         self.last_guided = grads.detach()
         return grads.sum(dim=2), logits, ids
 
+    def picture_gradients(self) -> torch.Tensor | None:
+        """(N, K, C, H, W) what the picture of the last call shows (``explain`` writes it as
+        ``guided/<image>_c<class>.png``): the guided gradient; None before any call."""
+        return self.last_guided
+
 
 class GuidedGradCAM(GuidedBackprop):
     """Guided Grad-CAM: Guided Backprop times the (positive) Grad-CAM map, pixel by pixel.
@@ -269,6 +274,13 @@ class GuidedGradCAM(GuidedBackprop):
         ).reshape(n, k, *x.shape[-2:])
         self.last_guided, self.last_cam = grads.detach(), upsampled
         return (grads * upsampled[:, :, None]).sum(dim=2), logits, ids
+
+    def picture_gradients(self) -> torch.Tensor | None:
+        """(N, K, C, H, W) the paper's Guided Grad-CAM picture of the last call: the guided
+        gradient times the upsampled Grad-CAM map; None before any call."""
+        if self.last_guided is None or self.last_cam is None:
+            return None
+        return self.last_guided * self.last_cam[:, :, None]
 
 
 #: Added to the range in FullGrad's min-max scaling, as pytorch-grad-cam (the authors' code:

@@ -22,7 +22,7 @@ from camlens.explanation import Explanation
 from camlens.methods import make_method
 from camlens.models import Classifier
 from camlens.pipeline import Item, OutputFolder, model_for_actors
-from camlens.render import colorize, save_figure, topk_figure
+from camlens.render import colorize, gradient_picture, save_figure, topk_figure
 from camlens.targets import Target, check_target, describe_target
 from camlens.tasks.common import Loaded, load_input, model_settings, output_stem, worker_model
 from camlens.writers import write_npz, write_png
@@ -151,6 +151,7 @@ class _ExplainWorker:
                 sources=[item.source for item in good],
                 sizes=[item.size for item in good],
             )
+            pictures = getattr(self.method, "picture_gradients", lambda: None)()
             for i, item in enumerate(good):
                 records[item.index] = write_image_outputs(
                     explanation,
@@ -159,6 +160,7 @@ class _ExplainWorker:
                     self.folder,
                     self.task.style,
                     figures=self.task.figures,
+                    guided=None if pictures is None else pictures[i],
                 )
         return [records[index] for index, _ in batch]
 
@@ -171,8 +173,13 @@ def write_image_outputs(
     style: Style,
     *,
     figures: bool = False,
+    guided: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Write image ``i``'s overlays, raw maps (and figure) into ``folder``; return its record.
+
+    ``guided`` (K, C, H, W): the input gradients of the guided methods (``guidedbackprop``,
+    ``guidedgradcam``), written per class as ``guided/<stem>_c<class>.png`` beside the
+    overlay, at the overlay's size (the record's map gets ``"guided"``).
 
     Example:
         >>> import camlens
@@ -202,16 +209,19 @@ def write_image_outputs(
     ):
         relative = f"overlays/{stem}_c{class_id}.png"
         write_png(folder.path(relative), image)
-        maps.append(
-            {
-                "class": class_id,
-                "label": explanation.label(class_id),
-                "score": round(float(explanation.scores[i, k]), 6),
-                "prob": round(float(probs[class_id]), 6),
-                "overlay": relative,
-                "box": list(boxes[k]) if boxes[k] is not None else None,
-            }
-        )
+        entry = {
+            "class": class_id,
+            "label": explanation.label(class_id),
+            "score": round(float(explanation.scores[i, k]), 6),
+            "prob": round(float(probs[class_id]), 6),
+            "overlay": relative,
+            "box": list(boxes[k]) if boxes[k] is not None else None,
+        }
+        if guided is not None:
+            entry["guided"] = f"guided/{stem}_c{class_id}.png"
+            picture = gradient_picture(guided[k].float().numpy(), size=image.size)
+            write_png(folder.path(entry["guided"]), picture)
+        maps.append(entry)
     raw_path = f"raw/{stem}.npz"
     write_npz(
         folder.path(raw_path),
