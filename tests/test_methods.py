@@ -4,20 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 import camlens
 from camlens import CAM, ConfigError, GradCAM
 from camlens.layers import find_cam_head
 from tiny_models import DictOutputNet, Exploding, InplaceNet, SharedActNet, TinyCAMNet
-
-
-def _hooks(module: nn.Module) -> int:
-    return sum(
-        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-        for m in module.modules()
-    )
-
+from tiny_models_family import count_hooks
 
 # --- hand-computed oracle -------------------------------------------------------------
 
@@ -162,7 +154,7 @@ def test_state_and_hooks_restored_after_success(method):
     assert not any(p.requires_grad for p in model.layer1.parameters())
     assert all(p.requires_grad for p in model.fc.parameters())
     assert all(p.grad is None for p in model.parameters())  # never into parameter .grad
-    assert _hooks(model) == 0
+    assert count_hooks(model) == 0
 
 
 @pytest.mark.parametrize("method", [CAM, GradCAM])
@@ -175,7 +167,7 @@ def test_state_and_hooks_restored_after_exception_in_forward(method):
     model.explode = True
     with pytest.raises(RuntimeError, match="boom"), explainer:
         explainer(x)
-    assert model.training and _hooks(model) == 0
+    assert model.training and count_hooks(model) == 0
 
 
 def test_batchnorm_running_stats_untouched_by_model_in_train_mode():

@@ -13,7 +13,13 @@ from torch import nn
 
 from camlens import ConfigError, GradCAM
 from camlens.methods.contrastive import FinerCAM, ShapleyCAM, similar_classes
-from tiny_models_family import FullResNet, StatefulNet, TinyFlatNet
+from tiny_models_family import (
+    FullResNet,
+    StatefulNet,
+    TinyFlatNet,
+    assert_state_restored,
+    count_hooks,
+)
 
 X = TinyFlatNet.X  # A = X: A_0 = [[1, 2], [3, 4]], A_1 = [[2, 0], [1, 1]]
 A0, A1 = X[0]
@@ -309,13 +315,6 @@ def test_shapleycam_matches_pytorch_grad_cam(utility, target):
 # --- options, hooks, state ----------------------------------------------------------------
 
 
-def _hooks(module: nn.Module) -> int:
-    return sum(
-        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-        for m in module.modules()
-    )
-
-
 METHODS = [FinerCAM, ShapleyCAM]
 
 
@@ -328,12 +327,7 @@ def test_state_and_hooks_restored_after_success(method_class):
         raw = method_class(model)(torch.randn(2, 3, 8, 8), "top2")
     assert raw.shape == (2, 2, 4, 4) and raw.dtype == torch.float32
     assert torch.isfinite(raw).all() and raw.abs().amax() > 0
-    assert model.training and model.dropout.training and model.stem[1].training
-    assert not any(p.requires_grad for p in model.stem.parameters())
-    assert all(p.requires_grad for p in model.fc.parameters())
-    assert all(p.grad is None for p in model.parameters())
-    assert torch.equal(model.stem[1].running_mean, before)
-    assert _hooks(model) == 0
+    assert_state_restored(model, before)
 
 
 @pytest.mark.parametrize("method_class", METHODS)
@@ -346,7 +340,7 @@ def test_state_and_hooks_restored_after_exception(method_class):
     model.calls, model.fail_at = 0, 1
     with pytest.raises(RuntimeError, match="boom"), method:
         method(x)
-    assert model.training and model.dropout.training and _hooks(model) == 0
+    assert model.training and model.dropout.training and count_hooks(model) == 0
     model.fail_at = None
     assert torch.isfinite(method(x)).all()
 

@@ -32,6 +32,9 @@ from tiny_models_family import (
     StatefulNet,
     TinyFlatNet,
     TwoStageNet,
+    activations_and_gradients,
+    assert_state_restored,
+    count_hooks,
 )
 
 NEW = ["gradcam++", "hirescam", "xgradcam", "layercam", "scorecam", "ablationcam", "eigencam"]
@@ -51,13 +54,6 @@ ALL = [*NEW, *MORE, "random"]
 INPUT_RESOLUTION = {"guidedbackprop", "guidedgradcam", "fullgrad"}
 GRADIENT = ["gradcam++", "hirescam", "xgradcam", "layercam"]
 PERTURBATION = ["scorecam", "ablationcam"]
-
-
-def _hooks(module: nn.Module) -> int:
-    return sum(
-        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-        for m in module.modules()
-    )
 
 
 # --- hand-computed oracles (see the docstrings of the tiny models) -------------------------
@@ -358,7 +354,7 @@ def test_layercam_fusion_by_hand_with_autograd():
     torch.testing.assert_close(result.raw, expected)
     singles = [LayerCAM(model, layer=n)(x, torch.tensor([1, 3])) for n in ("stage1", "stage2")]
     torch.testing.assert_close(result.raw, fuse_maps(singles))
-    assert _hooks(model) == 0
+    assert count_hooks(model) == 0
 
 
 def test_layer_list_only_for_layercam():
@@ -390,12 +386,7 @@ def test_state_and_hooks_restored_after_success(name):
     raw = get_method(name)(model, **_options(name))(torch.randn(2, 3, 8, 8), "top2")
     size = (8, 8) if name in INPUT_RESOLUTION else (4, 4)
     assert raw.shape == (2, 2, *size) and torch.isfinite(raw).all()
-    assert model.training and model.dropout.training and model.stem[1].training
-    assert not any(p.requires_grad for p in model.stem.parameters())
-    assert all(p.requires_grad for p in model.fc.parameters())
-    assert all(p.grad is None for p in model.parameters())
-    assert torch.equal(model.stem[1].running_mean, before)
-    assert _hooks(model) == 0
+    assert_state_restored(model, before)
 
 
 @pytest.mark.parametrize(
@@ -411,7 +402,7 @@ def test_state_and_hooks_restored_after_exception(name, fail_at):
     with pytest.raises(RuntimeError, match="boom"), method:
         method(x)
     assert model.calls == fail_at
-    assert model.training and model.dropout.training and _hooks(model) == 0
+    assert model.training and model.dropout.training and count_hooks(model) == 0
     model.fail_at = None
     assert torch.isfinite(method(x)).all()
 
@@ -532,27 +523,13 @@ def test_scorecam_matches_torchcam_on_a_log_probability_model():
     torch.testing.assert_close(_by_max(ours[:, 0]), _by_max(tc), rtol=1e-4, atol=1e-5)
 
 
-def _activations_and_gradients(model, layer, x, classes):
-    from camlens.hooks import get_layer
-
-    store = {}
-    handle = get_layer(model, layer).register_forward_hook(lambda m, i, o: store.update(a=o))
-    try:
-        logits = model(x)
-    finally:
-        handle.remove()
-    score = logits.gather(1, torch.tensor(classes)[:, None]).sum()
-    (grads,) = torch.autograd.grad(score, store["a"])
-    return store["a"].detach(), grads
-
-
 def test_gradcampp_and_xgradcam_match_pytorch_grad_cam_formulas():
     pgc = pytest.importorskip("pytorch_grad_cam")
     model = TwoStageNet().eval()
     with torch.no_grad():
         model.fc.weight.mul_(40)  # gradients of order 1: pytorch-grad-cam's eps is negligible
     x = torch.randn(2, 3, 8, 10)
-    a, g = _activations_and_gradients(model, "stage2", x, [1, 2])
+    a, g = activations_and_gradients(model, "stage2", x, [1, 2])
     for ours, theirs in ((GradCAMPlusPlus, pgc.GradCAMPlusPlus), (XGradCAM, pgc.XGradCAM)):
         weights = theirs.get_cam_weights(None, None, None, None, a.numpy(), g.numpy())
         expected = torch.einsum("nc,nchw->nhw", torch.from_numpy(weights).float(), a)

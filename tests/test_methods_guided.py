@@ -16,15 +16,9 @@ import camlens
 from camlens import ConfigError
 from camlens.methods import FullGrad, GradCAM, GuidedBackprop, GuidedGradCAM, get_method
 from camlens.methods.guided import guided_relus
+from tiny_models_family import assert_state_restored, count_hooks
 
 GUIDED = ["guidedbackprop", "guidedgradcam", "fullgrad"]
-
-
-def _hooks(module: nn.Module) -> int:
-    return sum(
-        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-        for m in module.modules()
-    )
 
 
 class HandNet(nn.Module):
@@ -114,7 +108,7 @@ def test_guided_gradient_by_hand(kind):
     torch.testing.assert_close(
         _plain_input_gradient(model, HandNet.X, 0)[:, 0, 0], HandNet.PLAIN, rtol=0, atol=0
     )
-    assert _hooks(model) == 0 and torch._C._len_torch_function_stack() == 0
+    assert count_hooks(model) == 0 and torch._C._len_torch_function_stack() == 0
 
 
 @pytest.mark.parametrize("kind", ["module", "inplace", "functional"])
@@ -275,12 +269,8 @@ def test_state_hooks_and_functional_relu_restored(name):
     assert raw.shape == (2, 2, 8, 8) and torch.isfinite(raw).all()
 
     def restored() -> None:
-        assert model.training and model.dropout.training and model.stem[1].training
-        assert not any(p.requires_grad for p in model.stem.parameters())
-        assert all(p.requires_grad for p in model.fc.parameters())
-        assert all(p.grad is None for p in model.parameters())
-        assert torch.equal(model.stem[1].running_mean, before)
-        assert _hooks(model) == 0 and torch._C._len_torch_function_stack() == 0
+        assert_state_restored(model, before)
+        assert torch._C._len_torch_function_stack() == 0
         assert all(type(m) is nn.ReLU for m in [model.stem[2]])
 
     restored()
@@ -299,9 +289,9 @@ def test_state_hooks_and_functional_relu_restored(name):
 def test_guided_relus_context_restores_after_an_exception():
     model = HandNet("inplace").eval()
     with pytest.raises(RuntimeError, match="inside"), guided_relus(model):
-        assert _hooks(model) == 1 and torch._C._len_torch_function_stack() == 1
+        assert count_hooks(model) == 1 and torch._C._len_torch_function_stack() == 1
         raise RuntimeError("inside")
-    assert _hooks(model) == 0 and torch._C._len_torch_function_stack() == 0
+    assert count_hooks(model) == 0 and torch._C._len_torch_function_stack() == 0
 
 
 @pytest.mark.parametrize("name", GUIDED)

@@ -17,16 +17,16 @@ from camlens.methods.gradient import GradCAMElementWise, HiResCAM, LayerCAM
 from camlens.methods.projection import KPCACAM, EigenCAM, EigenGradCAM
 from camlens.methods.statistical import FEM
 from tiny_models import TinyCAMNet
-from tiny_models_family import IdentityNet, StatefulNet, TinyFlatNet
+from tiny_models_family import (
+    IdentityNet,
+    StatefulNet,
+    TinyFlatNet,
+    activations_and_gradients,
+    assert_state_restored,
+    count_hooks,
+)
 
 METHODS = [GradCAMElementWise, EigenGradCAM, FEM, KPCACAM]
-
-
-def _hooks(module: nn.Module) -> int:
-    return sum(
-        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-        for m in module.modules()
-    )
 
 
 def _image(*rows_per_channel: list[list[float]]) -> torch.Tensor:
@@ -201,18 +201,6 @@ def _setup(seed: int, size: tuple[int, int] = (9, 11)) -> tuple[ParityNet, torch
     return model, torch.randn(3, 3, *size)
 
 
-def _activations_and_gradients(model, x, classes):
-    store = {}
-    handle = model.features.register_forward_hook(lambda m, i, o: store.update(a=o))
-    try:
-        logits = model(x)
-    finally:
-        handle.remove()
-    score = logits.gather(1, torch.tensor(classes)[:, None]).sum()
-    (grads,) = torch.autograd.grad(score, store["a"])
-    return store["a"].detach(), grads
-
-
 def _pgc_scale(raw: torch.Tensor) -> torch.Tensor:
     """pytorch-grad-cam's normalisation of (N, h, w) maps at the feature size: relu, then
     ``(m - min) / (1e-7 + max)`` per image (``scale_cam_image``), twice (per layer, then
@@ -229,7 +217,7 @@ def _pgc_maps(cam_class, model, x, classes, **options) -> torch.Tensor:
 
     with cam_class(model=model, target_layers=[model.features], **options) as cam:
         out = cam(input_tensor=x, targets=[ClassifierOutputTarget(c) for c in classes])
-    assert _hooks(model) == 0
+    assert count_hooks(model) == 0
     return torch.from_numpy(out)
 
 
@@ -243,7 +231,7 @@ def test_gradcam_elementwise_matches_pytorch_grad_cam(seed):
     raw = GradCAMElementWise(model, "features")(x, torch.tensor(CLASSES))
     for j in range(2):
         classes = [c[j] for c in CLASSES]
-        a, g = _activations_and_gradients(model, x, classes)
+        a, g = activations_and_gradients(model, "features", x, classes)
         theirs_raw = pgc.GradCAMElementWise.get_cam_image(
             None, None, None, None, a.numpy(), g.numpy(), False
         )
@@ -263,7 +251,7 @@ def test_eigengradcam_matches_pytorch_grad_cam_up_to_its_sign(seed):
     assert not torch.allclose(raw[:, 0], raw[:, 1])  # per target
     for j in range(2):
         classes = [c[j] for c in CLASSES]
-        a, g = _activations_and_gradients(model, x, classes)
+        a, g = activations_and_gradients(model, "features", x, classes)
         theirs_raw = torch.from_numpy(get_2d_projection((g * a).numpy()))
         theirs = _pgc_maps(pgc.EigenGradCAM, model, x, classes)
         for n in range(3):
@@ -285,7 +273,7 @@ def test_fem_matches_pytorch_grad_cam(seed, k):
     model, x = _setup(seed)
     raw = FEM(model, "features", k=k)(x, torch.tensor(CLASSES))
     assert torch.equal(raw[:, 0], raw[:, 1])  # class-agnostic
-    a, _ = _activations_and_gradients(model, x, [0, 0, 0])
+    a, _ = activations_and_gradients(model, "features", x, [0, 0, 0])
     theirs_raw = pgc.FEM.get_cam_image(
         SimpleNamespace(k=k), None, None, None, a.numpy(), None, False
     )
@@ -311,7 +299,7 @@ def test_kpcacam_matches_pytorch_grad_cam_up_to_its_sign(seed, size, kernel, gam
     model, x = _setup(seed, size)
     raw = KPCACAM(model, "features", kernel=kernel, gamma=gamma)(x, torch.tensor(CLASSES))
     assert torch.equal(raw[:, 0], raw[:, 1])  # class-agnostic
-    a, _ = _activations_and_gradients(model, x, [0, 0, 0])
+    a, _ = activations_and_gradients(model, "features", x, [0, 0, 0])
     theirs_raw = torch.from_numpy(get_2d_projection_kernel(a.numpy(), kernel, gamma))
     theirs = _pgc_maps(pgc.KPCA_CAM, model, x, [c[0] for c in CLASSES], kernel=kernel, gamma=gamma)
     signs = []
@@ -342,12 +330,7 @@ def test_state_and_hooks_restored_after_success(method_class):
     raw = method_class(model)(x, "top2")
     torch.testing.assert_close(raw, reference)  # computed in eval mode, values unchanged
     assert raw.abs().sum() > 0
-    assert model.training and model.dropout.training and model.stem[1].training
-    assert not any(p.requires_grad for p in model.stem.parameters())
-    assert all(p.requires_grad for p in model.fc.parameters())
-    assert all(p.grad is None for p in model.parameters())
-    assert torch.equal(model.stem[1].running_mean, before)
-    assert _hooks(model) == 0
+    assert_state_restored(model, before)
 
 
 @pytest.mark.parametrize("method_class", METHODS)
@@ -361,7 +344,7 @@ def test_state_and_hooks_restored_after_exception(method_class):
     with pytest.raises(RuntimeError, match="boom"), method:
         method(x)
     assert model.calls == 1
-    assert model.training and model.dropout.training and _hooks(model) == 0
+    assert model.training and model.dropout.training and count_hooks(model) == 0
     model.fail_at = None
     torch.testing.assert_close(method(x), first)
 

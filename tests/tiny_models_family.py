@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from camlens.hooks import get_layer
+
 
 class TinyFlatNet(nn.Module):
     """features (1x1 conv, identity: A = x) -> flatten -> fc(8 -> 2), no pooling.
@@ -127,3 +129,39 @@ class StatefulNet(nn.Module):
         if self.fail_at is not None and self.calls >= self.fail_at:
             raise RuntimeError("boom")
         return self.fc(self.dropout(features.mean(dim=(2, 3))))
+
+
+def count_hooks(module: nn.Module) -> int:
+    """Forward, forward-pre and backward hooks left on ``module`` and its submodules."""
+    return sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+        for m in module.modules()
+    )
+
+
+def assert_state_restored(model: StatefulNet, running_mean: torch.Tensor) -> None:
+    """A ``StatefulNet`` put in train mode with its stem frozen is as it was after a method
+    call: train flags, ``requires_grad``, no parameter ``.grad``, BatchNorm statistics
+    (``running_mean``: the stem's before the call) and no hooks left."""
+    assert model.training and model.dropout.training and model.stem[1].training
+    assert not any(p.requires_grad for p in model.stem.parameters())
+    assert all(p.requires_grad for p in model.fc.parameters())
+    assert all(p.grad is None for p in model.parameters())
+    assert torch.equal(model.stem[1].running_mean, running_mean)
+    assert count_hooks(model) == 0
+
+
+def activations_and_gradients(
+    model: nn.Module, layer: str, x: torch.Tensor, classes: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The output ``A`` of ``layer`` and ``d y_c / d A`` for each image's class, by autograd:
+    an independent reference for the gradient methods."""
+    store = {}
+    handle = get_layer(model, layer).register_forward_hook(lambda m, i, o: store.update(a=o))
+    try:
+        logits = model(x)
+    finally:
+        handle.remove()
+    score = logits.gather(1, torch.tensor(classes)[:, None]).sum()
+    (grads,) = torch.autograd.grad(score, store["a"])
+    return store["a"].detach(), grads
