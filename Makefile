@@ -53,7 +53,7 @@ format: $(FULL)
 	$(BIN)/ruff format src tests benchmarks examples conftest.py
 
 # Each script writes a section; RESULTS.md is their concatenation (see benchmarks/*.py --help).
-BENCH_PARTS := methods methods_family runner audit train serve
+BENCH_PARTS := methods methods_family runner throughput audit train serve evaluate vit gpu
 bench: $(FULL)
 	mkdir -p benchmarks/results
 	$(BIN)/python benchmarks/run.py --out benchmarks/results/methods.md
@@ -62,6 +62,10 @@ bench: $(FULL)
 	$(BIN)/python benchmarks/audit_bench.py --out benchmarks/results/audit.md
 	$(BIN)/python benchmarks/train_bench.py --out benchmarks/results/train.md
 	$(BIN)/python benchmarks/serve_bench.py --out benchmarks/results/serve.md
+	$(BIN)/python benchmarks/evaluate_bench.py --out benchmarks/results/evaluate.md
+	$(BIN)/python benchmarks/throughput_bench.py --out benchmarks/results/throughput.md
+	$(BIN)/python benchmarks/vit_bench.py --out benchmarks/results/vit.md
+	$(BIN)/python benchmarks/gpu.py --out benchmarks/results/gpu.md
 	cat $(BENCH_PARTS:%=benchmarks/results/%.md) > benchmarks/RESULTS.md
 
 clean:

@@ -200,3 +200,29 @@ def test_cache_does_not_keep_models_alive():
     del net
     gc.collect()
     assert ref() is None
+
+
+def test_a_shared_layer_is_captured_at_its_last_call_only():
+    """The head's ``call = -1`` (the last call) becomes an index, so the capture copies the
+    head's output only, not the stem's too; the maps stay CAM's: W[c] . relu6(head(stem))."""
+    from tiny_models import SharedActNet
+
+    torch.manual_seed(0)
+    module, x = SharedActNet().eval(), torch.rand(2, 3, 16, 16)
+    head = layers.find_cam_head(module, x)
+    assert (head.feature_layer, head.call, head.layer_calls, head.call_index) == ("act", -1, 2, 1)
+    copies = []
+    original_clone = torch.Tensor.clone
+
+    def counting_clone(tensor, *args, **kwargs):
+        copies.append(tuple(tensor.shape))
+        return original_clone(tensor, *args, **kwargs)
+
+    features = module.act(module.head(module.act(module.stem(x))))
+    expected = torch.einsum("kc,nchw->nkhw", module.fc.weight, features)
+    CAM(module)(x, "top1")  # the head found (traced) and cached
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.Tensor, "clone", counting_clone)
+        raw = CAM(module)(x, [[0, 1, 2, 3, 4]] * 2)
+    assert copies == [(2, 6, 4, 4)]  # the head's output; the stem's (2, 4, 8, 8) passes as is
+    torch.testing.assert_close(raw, expected)

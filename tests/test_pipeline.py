@@ -402,3 +402,55 @@ def test_an_output_folder_that_cannot_be_written_is_one_line_and_exit_2(tmp_path
     result = CliRunner().invoke(main, [command, *arguments, "--out", out])
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output and out in result.output
+
+
+def test_outputs_written_in_threads_equal_those_written_one_by_one(
+    tmp_path, builtin_model, monkeypatch
+):
+    """A batch's overlays and raw maps are written from a thread pool; the files and records
+    are byte for byte those of a run that writes them one image at a time."""
+    import camlens.tasks.explain as explain_task
+
+    photos = _noise_images(tmp_path / "in", 6, size=64)
+    options = RunOptions(batch_size=6, progress=False)
+    run_explain(builtin_model, photos, tmp_path / "threads", target="top2", options=options)
+    monkeypatch.setattr(explain_task, "output_threads", lambda n_images: 1)
+    run_explain(builtin_model, photos, tmp_path / "serial", target="top2", options=options)
+    threaded, serial = _records(tmp_path / "threads"), _records(tmp_path / "serial")
+    assert threaded == serial
+    written = [m["overlay"] for r in serial for m in r["maps"]] + [r["raw"] for r in serial]
+    assert len(written) == 6 * 3
+    for relative in written:
+        ours = (tmp_path / "threads" / relative).read_bytes()
+        assert ours == (tmp_path / "serial" / relative).read_bytes(), relative
+
+
+def test_output_threads_use_the_cores_but_never_more_threads_than_images():
+    from camlens.tasks.explain import output_threads
+
+    cores = len(os.sched_getaffinity(0))
+    assert output_threads(1) == 1
+    assert output_threads(0) == 1
+    assert output_threads(64) == min(4, cores)
+
+
+def test_the_manifest_records_each_path_once_when_threads_write_together(tmp_path):
+    folder = OutputFolder(tmp_path / "out")
+    folder.prepare(resume=False, overwrite=False)
+    relatives = [f"overlays/sub{i % 3}/file{i}.png" for i in range(200)]
+    barrier = threading.Barrier(8)
+
+    def reserve(chunk: list[str]) -> None:
+        barrier.wait()
+        for relative in chunk:
+            folder.path(relative).write_bytes(b"x")
+
+    threads = [threading.Thread(target=reserve, args=(relatives[i::8],)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    folder.close()
+    written = [path for path in folder.written() if not path.startswith(".camlens")]
+    folders = ["overlays/", "overlays/sub0/", "overlays/sub1/", "overlays/sub2/"]
+    assert sorted(written) == sorted(relatives + folders)  # each path exactly once

@@ -111,3 +111,10 @@ def test_a_misspelt_class_suggests_the_classes_that_contain_the_word():
         raise AssertionError("'cat' is not an ImageNet class name")
     assert "Egyptian cat" in message and "tiger cat" in message
     assert "crate" not in message  # edit distance alone suggested "crate, oxcart, castle"
+
+
+def test_normalize_maps_gives_zeros_for_maps_without_a_positive_value_and_for_nan():
+    raw = torch.tensor([[[[-1.0, -2.0]], [[0.0, 0.0]], [[float("nan"), 1.0]], [[1.0, 4.0]]]])
+    maps = camlens.normalize_maps(raw, (1, 2))
+    expected = torch.tensor([[[[0.0, 0.0]], [[0.0, 0.0]], [[0.0, 0.0]], [[0.25, 1.0]]]])
+    assert torch.equal(maps, expected)

@@ -11,6 +11,8 @@ neither torch nor any plotting, templating or server library)::
     camlens.evaluate(model, "boxes.csv", out_dir="eval_out")
     camlens.audit(model, "data/", out_dir="audit_out")
     camlens.train("data/", "my_model")
+    found = camlens.factorize(model, ["cat.jpg", "dog.jpg"], k=5)   # concepts (DFF)
+    camlens.concepts(model, ["photos/"], "concepts_out", k=5)
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ _EXPORTS = {
     "evaluate": "camlens.api",
     "audit": "camlens.api",
     "train": "camlens.api",
+    "factorize": "camlens.api",
+    "concepts": "camlens.api",
     "Explanation": "camlens.explanation",
     "normalize_maps": "camlens.localize",
     "RunOptions": "camlens.pipeline",
@@ -73,8 +77,10 @@ __all__ = [
     "__version__",
     "audit",
     "available_models",
+    "concepts",
     "evaluate",
     "explain",
+    "factorize",
     "get_method",
     "load_model",
     "make_method",
@@ -88,7 +94,7 @@ __getattr__, __dir__ = lazy_exports(globals(), _EXPORTS)
 
 
 if TYPE_CHECKING:  # for type checkers and editors; not imported at run time
-    from camlens.api import audit, evaluate, explain, run_explain, train
+    from camlens.api import audit, concepts, evaluate, explain, factorize, run_explain, train
     from camlens.explanation import Explanation
     from camlens.localize import normalize_maps
     from camlens.methods import (

@@ -25,3 +25,9 @@ DEFAULT_MAX_PIXELS = 40_000_000
 #: original size). Boxes stay in original-image pixels. 2000, not 2048: a 12-megapixel photo
 #: (4000 x 3000) then decodes at half scale (JPEG), which halves the time and the memory.
 DEFAULT_OVERLAY_SIZE = 2000
+
+#: zlib level of the PNG files camlens writes (0-9; Pillow's default is 6). Level 1 encodes an
+#: overlay about 4.5 x faster than 6 for files about 13 % larger (measured on 320 x 240
+#: overlays of the sample photos; see benchmarks/results/throughput.md): encoding at level 6
+#: took longer than the model's forward pass per image.
+PNG_COMPRESS_LEVEL = 1

@@ -26,7 +26,9 @@ from PIL import Image
 
 from camlens.localize import Box, box_from_map, normalize_maps, scale_box
 from camlens.methods import MethodResult
+from camlens.models import DEFAULT_THRESHOLD_PROB, class_probabilities
 from camlens.render import overlay
+from camlens.targets import distinct_targets
 
 
 @dataclass
@@ -46,6 +48,13 @@ class Explanation:
         sources: the inputs' names (their paths), or None; ``save`` names files after them.
         sizes: (width, height) of each original image when ``images`` hold smaller copies for
             display (large photos); None: the sizes of ``images``.
+        multilabel: the model is multi-label: ``probs`` are per-class sigmoids and
+            ``predictions`` lists every class at or above ``threshold_prob``.
+        threshold_prob: the multi-label threshold.
+        target_labels: names of the K targets when they are not classes (a
+            ``camlens.targets.Similarity``: ``("similar:ref.png",)``, whose ``targets`` are -1,
+            ``NOT_A_CLASS``); None for class targets. See ``target_label``.
+        target_scores: (N, K) scores of such targets (the cosine similarity); see ``scores``.
     """
 
     raw: torch.Tensor
@@ -59,6 +68,10 @@ class Explanation:
     identity_error: float | None = None
     sources: list[str] | None = None
     sizes: list[tuple[int, int]] | None = None
+    multilabel: bool = False
+    threshold_prob: float = DEFAULT_THRESHOLD_PROB
+    target_labels: list[str] | None = None
+    target_scores: torch.Tensor | None = None
 
     @classmethod
     def from_result(
@@ -71,8 +84,11 @@ class Explanation:
         images: list[Image.Image] | None = None,
         sources: list[str] | None = None,
         sizes: list[tuple[int, int]] | None = None,
+        multilabel: bool = False,
+        threshold_prob: float = DEFAULT_THRESHOLD_PROB,
     ) -> Explanation:
-        """The Explanation of one method call (tensors moved to the CPU).
+        """The Explanation of one method call (tensors moved to the CPU); ``multilabel`` and
+        ``threshold_prob`` as the model's (``Classifier.multilabel``, ``.threshold_prob``).
 
         Example:
             >>> from torch import nn
@@ -95,6 +111,10 @@ class Explanation:
             identity_error=result.identity_error,
             sources=sources,
             sizes=sizes,
+            multilabel=multilabel,
+            threshold_prob=threshold_prob,
+            target_labels=None if result.target_labels is None else list(result.target_labels),
+            target_scores=None if result.scores is None else result.scores.float().cpu(),
         )
 
     def __repr__(self) -> str:
@@ -118,7 +138,7 @@ class Explanation:
                 thumbnail.save(buffer, format="PNG")
                 data = base64.b64encode(buffer.getvalue()).decode("ascii")
                 class_id = int(self.targets[i, k])
-                caption = html.escape(f"{i}: {self.label(class_id)} ({class_id})")
+                caption = html.escape(f"{i}: {self.target_label(i, k)} ({class_id})")
                 cells.append(
                     f'<figure style="display:inline-block;margin:4px"><img '
                     f'src="data:image/png;base64,{data}"><figcaption>{caption}</figcaption></figure>'
@@ -130,13 +150,65 @@ class Explanation:
 
     @property
     def probs(self) -> torch.Tensor:
-        """(N, classes) softmax of the logits."""
-        return self.logits.float().softmax(dim=1)
+        """(N, classes) probabilities: softmax of the logits, or per-class sigmoids for a
+        multi-label model (``camlens.models.class_probabilities``)."""
+        return class_probabilities(self.logits, self.multilabel)
+
+    def predictions(self, i: int, top: int = 5) -> list[dict]:
+        """Image ``i``'s predictions, most probable first, as ``{"class", "label", "prob"}``:
+        the ``top`` classes by softmax probability, or, for a multi-label model, every class
+        whose sigmoid probability is at least ``threshold_prob`` (possibly none).
+
+        Example:
+            >>> result = Explanation(torch.zeros(1, 1, 2, 2), torch.tensor([[0]]),
+            ...     torch.tensor([[2.0, -1.0, 0.5]]), "cam", "4", (8, 8), ["a", "b", "c"],
+            ...     multilabel=True)
+            >>> [(p["label"], p["prob"]) for p in result.predictions(0)]
+            [('a', 0.880797), ('c', 0.622459)]
+        """
+        probs = self.probs[i]
+        order = probs.argsort(descending=True, stable=True).tolist()
+        if self.multilabel:
+            chosen = [c for c in order if float(probs[c]) >= self.threshold_prob]
+        else:
+            chosen = order[: min(top, len(order))]
+        return [
+            {"class": c, "label": self.label(c), "prob": round(float(probs[c]), 6)} for c in chosen
+        ]
+
+    def explained(self, i: int) -> list[int]:
+        """The target columns of image ``i`` to show: all but repeats of a class already in
+        its row (the padding of the ``"positive"`` target, see ``camlens.targets.Positive``).
+
+        Example:
+            >>> result = Explanation(torch.zeros(1, 2, 2, 2), torch.tensor([[1, 1]]),
+            ...     torch.zeros(1, 3), "cam", "4", (8, 8))
+            >>> result.explained(0)
+            [0]
+        """
+        return distinct_targets(self.targets[i : i + 1])[0].nonzero().flatten().tolist()
 
     @property
     def scores(self) -> torch.Tensor:
-        """(N, K) logit of each explained class."""
+        """(N, K) logit of each explained class; for targets that are not classes their own
+        scores (``target_scores``: a similarity target's cosine similarity)."""
+        if self.target_scores is not None:
+            return self.target_scores.float()
         return self.logits.gather(1, self.targets).float()
+
+    def target_label(self, i: int, k: int) -> str:
+        """The name of image ``i``'s target ``k``: its class's name, or the target's own
+        (``"similar:ref.png"``) when it is not a class.
+
+        Example:
+            >>> result = Explanation(torch.zeros(1, 1, 2, 2), torch.tensor([[-1]]),
+            ...     torch.zeros(1, 3), "gradcam", "4", (8, 8), target_labels=["similar:b.png"])
+            >>> result.target_label(0, 0)
+            'similar:b.png'
+        """
+        if self.target_labels is not None:
+            return self.target_labels[k]
+        return self.label(int(self.targets[i, k]))
 
     @functools.cached_property
     def maps(self) -> torch.Tensor:
@@ -197,14 +269,21 @@ class Explanation:
         ]
 
     def image_overlays(
-        self, i: int, *, colormap: str = "jet", alpha: float = 0.5, threshold: float | None = 0.2
+        self,
+        i: int,
+        *,
+        colormap: str = "jet",
+        alpha: float = 0.5,
+        threshold: float | None = 0.2,
+        heat: np.ndarray | None = None,
     ) -> list[Image.Image]:
         """Overlays of image ``i``, one per target (see ``overlays``), at the size of
         ``display_image(i)``: the original, or the smaller copy ``images`` holds when the
-        originals' sizes are in ``sizes``."""
+        originals' sizes are in ``sizes``. ``heat``: ``display_maps(i)``, when the caller has
+        it already."""
         image = self.display_image(i)
         width, height = image.size
-        heat = normalize_maps(self.raw[i : i + 1], (height, width))[0].numpy()
+        heat = self.display_maps(i) if heat is None else heat
         boxes = [None] * heat.shape[0]
         if threshold is not None:
             input_wh = (self.input_size[1], self.input_size[0])
@@ -216,6 +295,12 @@ class Explanation:
             overlay(image, heat[k], colormap=colormap, alpha=alpha, box=boxes[k])
             for k in range(heat.shape[0])
         ]
+
+    def display_maps(self, i: int) -> np.ndarray:
+        """Image ``i``'s maps at the size of ``display_image(i)``: (K, H, W) float32 in [0, 1]
+        (``relu(raw)`` upsampled and divided by its maximum, as ``maps``)."""
+        width, height = self.display_image(i).size
+        return normalize_maps(self.raw[i : i + 1], (height, width))[0].numpy()
 
     def display_image(self, i: int) -> Image.Image:
         """The original image ``i``, or a neutral gray image of the input size."""

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from camlens.errors import ConfigError
+from camlens.tokens import Layout, ReshapeLayout
 
 
 def get_layer(module: nn.Module, name: str) -> nn.Module:
@@ -89,6 +90,12 @@ class LayerCapture(ForwardHook):
     The captured tensor is protected from in-place operations after the layer (an in-place
     ReLU would otherwise overwrite it): the rest of the network receives a copy.
 
+    With ``layout`` (a ``camlens.tokens.Layout``: tokens (N, T, C) or channels-last maps
+    (N, h, w, C)) the captured tensor is the layer's (N, C, h, w) feature maps
+    (``layout.to_maps(output)``), and the rest of the network receives the output rebuilt from
+    them (``layout.from_maps``), so that gradients with respect to the maps are the gradients
+    of the layer's output, rearranged.
+
     With ``track_gradients=True`` the captured tensor becomes a leaf that requires grad, and
     grad mode is switched on from this layer onwards, so ``torch.autograd.grad`` of the logits
     with respect to ``capture.activation`` reaches only as deep as this layer, even when the
@@ -105,12 +112,20 @@ class LayerCapture(ForwardHook):
         0
     """
 
-    def __init__(self, layer: nn.Module, *, call: int = -1, track_gradients: bool = False):
+    def __init__(
+        self,
+        layer: nn.Module,
+        *,
+        call: int = -1,
+        track_gradients: bool = False,
+        layout: Layout | ReshapeLayout | None = None,
+    ):
         if call < -1:
             raise ConfigError(f"call must be -1 (the last call) or >= 0, got {call}")
         super().__init__(layer)
         self.call = call
         self.track_gradients = track_gradients
+        self.layout = layout
         self.n_calls = 0
         self._outputs: list[torch.Tensor] = []
 
@@ -118,19 +133,22 @@ class LayerCapture(ForwardHook):
         if not isinstance(output, torch.Tensor):
             raise ConfigError(
                 f"layer {type(module).__name__} returns {type(output).__name__}, not a tensor; "
-                "choose a layer whose output is a feature map (N, C, h, w)"
+                "choose a layer whose output is a feature map (N, C, h, w) or tokens (N, T, C)"
             )
         index = self.n_calls
         self.n_calls += 1
         if self.call >= 0 and index != self.call:
             return output
+        maps = output if self.layout is None else self.layout.to_maps(output)
         if self.track_gradients:
             torch.set_grad_enabled(True)
-            captured = output.detach().requires_grad_(True)
+            captured = maps.detach().requires_grad_(True)
         else:
-            captured = output
+            captured = maps
         self._outputs = [captured]
-        return captured.clone()
+        if self.layout is None:
+            return captured.clone()
+        return self.layout.from_maps(captured, output)
 
     @property
     def activation(self) -> torch.Tensor:

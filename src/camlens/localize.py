@@ -42,7 +42,12 @@ def normalize_maps(raw: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if (h, w) != tuple(size):
         positive = F.interpolate(positive, size=size, mode="bilinear", align_corners=False)
     peak = positive.amax(dim=(-2, -1), keepdim=True)
-    maps = torch.where(peak > 0, positive / peak.clamp_min(1e-30), torch.zeros_like(positive))
+    # One full-size pass: ``positive`` is a fresh tensor (relu, interpolate), divided in place;
+    # a map whose peak is 0 is all zeros already, one whose peak is NaN becomes zeros.
+    maps = positive.div_(peak.clamp_min(1e-30))
+    empty = ~(peak > 0)
+    if empty.any():
+        maps.masked_fill_(empty, 0.0)
     return maps.reshape(n, k, *size)
 
 

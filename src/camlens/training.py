@@ -10,7 +10,15 @@ Training: AdamW with a cosine learning-rate schedule (per step, down to 0), ligh
 saturation jitter of +-20 %; plain torch ops, random numbers from a seeded generator),
 validation accuracy after each epoch, and the best epoch's weights kept (highest validation
 accuracy; lower validation loss breaks ties). With the same seed, data and machine, two runs
-give identical weights and metrics. After every epoch the full training state is saved
+give identical weights and metrics.
+
+Multi-label (``multilabel=True``, ``camlens train --multilabel``): the data set is a CSV file
+``image,labels`` (labels separated by ``;``, see ``camlens.io.imagefolder.scan_label_csv``),
+the loss is binary cross-entropy on each class's logit (``BCEWithLogitsLoss``), a class is
+predicted when its sigmoid probability is at least 0.5, and the accuracies are exact-match
+(subset) accuracies: the fraction of images whose predicted set of classes is exactly their
+true set. The split is stratified by each image's first class. ``config.json`` records
+``"multilabel": true``, so ``load_model`` gives back a multi-label ``Classifier``. After every epoch the full training state is saved
 atomically, so an interrupted run continues with ``resume=True`` as if it had not stopped.
 
 The output folder follows the rules of every camlens command (``camlens.pipeline.folder``): a
@@ -50,7 +58,15 @@ from torch import nn
 from tqdm import tqdm
 
 from camlens.errors import ConfigError
-from camlens.io.imagefolder import LoadedImages, load_images, scan_image_folder, stratified_split
+from camlens.io.imagefolder import (
+    LABEL_SEPARATOR,
+    ImageFolder,
+    LoadedImages,
+    load_images,
+    scan_image_folder,
+    scan_label_csv,
+    stratified_split,
+)
 from camlens.layers import find_cam_head
 from camlens.models.architectures import build_architecture, is_builtin
 from camlens.models.devices import check_device
@@ -110,6 +126,8 @@ class TrainConfig:
         augment: flips, crops and colour jitter on the training batches.
         head_channels: channels of the 3x3 convolution Zhou's recipe adds.
         device: torch device.
+        multilabel: several classes per image: the data is a CSV ``image,labels``, the loss
+            binary cross-entropy per class (see the module docstring).
     """
 
     backbone: str = "simple"
@@ -124,6 +142,7 @@ class TrainConfig:
     augment: bool = True
     head_channels: int = 1024
     device: str = "cpu"
+    multilabel: bool = False
 
 
 @dataclass
@@ -245,7 +264,8 @@ def train_classifier(
     """Train a CAM-ready classifier on the ImageFolder data set ``data``; write it to ``out``.
 
     Parameters:
-        data: a folder with one subfolder of images per class.
+        data: a folder with one subfolder of images per class; with ``config.multilabel``, a
+            CSV file ``image,labels`` (labels separated by ``;``).
         out: the model folder (see the module docstring for its files). A folder that is not
             empty is refused unless ``resume`` or ``overwrite``; nothing is created in it
             before the data set and the parameters are checked.
@@ -287,7 +307,7 @@ def train_classifier(
     out = Path(out)
     output = OutputFolder(out, spell=spelling(cli, "out"))
     output.check(resume=resume, overwrite=overwrite)
-    folder = scan_image_folder(data)
+    folder = _scan(data, config.multilabel, cli=cli)
     with _deterministic(config.seed):
         network = make_network(
             config.backbone, len(folder.classes), head_channels=config.head_channels
@@ -296,7 +316,8 @@ def train_classifier(
         size = (config.image_size, config.image_size)
         loaded = load_images(folder.paths, folder.targets, size, progress=progress)
         _check_loaded(loaded, folder.classes, folder.root)
-        train_idx, val_idx = stratified_split(loaded.targets, config.val_split, config.seed)
+        strata = loaded.targets.argmax(dim=1) if config.multilabel else loaded.targets
+        train_idx, val_idx = stratified_split(strata, config.val_split, config.seed)
         parameters = _training_parameters(config, folder.root, loaded, train_idx, val_idx)
         settings = _run_settings(parameters, folder.classes, loaded, train_idx, val_idx)
         try:
@@ -445,13 +466,13 @@ class _Trainer:
             x = self._inputs(self.images[batch], augment=self.config.augment)
             y = self.targets[batch].to(self.device)
             logits = self.module(x)
-            loss = F.cross_entropy(logits, y)
+            loss = self._loss(logits, y, reduction="mean")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
             self.scheduler.step()
             total_loss += float(loss.detach()) * len(batch)
-            correct += int((logits.argmax(1) == y).sum())
+            correct += self._correct(logits, y)
             seen += len(batch)
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
         return total_loss / max(seen, 1), correct / max(seen, 1)
@@ -466,9 +487,26 @@ class _Trainer:
             batch = self.val_idx[start : start + 2 * self.config.batch_size]
             logits = self.module(self._inputs(self.images[batch], augment=False))
             y = self.targets[batch].to(self.device)
-            total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
-            correct += int((logits.argmax(1) == y).sum())
+            total_loss += float(self._loss(logits, y, reduction="sum"))
+            correct += self._correct(logits, y)
         return correct / len(self.val_idx), total_loss / len(self.val_idx)
+
+    def _loss(self, logits: torch.Tensor, y: torch.Tensor, *, reduction: str) -> torch.Tensor:
+        """Cross-entropy; multi-label: binary cross-entropy per class, summed over the classes
+        (so that ``"sum"`` and ``"mean"`` are per image, as for cross-entropy)."""
+        if not self.config.multilabel:
+            return F.cross_entropy(logits, y, reduction=reduction)
+        per_image = F.binary_cross_entropy_with_logits(logits, y.float(), reduction="none").sum(
+            dim=1
+        )
+        return per_image.sum() if reduction == "sum" else per_image.mean()
+
+    def _correct(self, logits: torch.Tensor, y: torch.Tensor) -> int:
+        """Images predicted right: top-1 = the class; multi-label: the predicted set (sigmoid
+        >= 0.5, i.e. logit >= 0) is exactly the true set."""
+        if not self.config.multilabel:
+            return int((logits.argmax(1) == y).sum())
+        return int(((logits >= 0).long() == y).all(dim=1).sum())
 
     def _inputs(self, images: torch.Tensor, *, augment: bool) -> torch.Tensor:
         images = images.to(self.device)
@@ -628,7 +666,11 @@ def _check_loaded(loaded: LoadedImages, classes: list[str], root: Path) -> None:
             f"skipped {len(loaded.skipped)} unreadable image(s) in {root}: {first}{more}",
             stacklevel=3,
         )
-    counts = torch.bincount(loaded.targets, minlength=len(classes)).tolist()
+    counts = (
+        loaded.targets.sum(dim=0).tolist()
+        if loaded.targets.ndim == 2
+        else torch.bincount(loaded.targets, minlength=len(classes)).tolist()
+    )
     empty = [c for c, n in zip(classes, counts, strict=True) if n == 0]
     if empty:
         raise ConfigError(
@@ -652,7 +694,10 @@ def _training_parameters(
 
 
 def _resume_view(parameters: dict[str, Any]) -> dict[str, Any]:
-    return {k: parameters[k] for k in _RESUME_KEYS}
+    view = {k: parameters[k] for k in _RESUME_KEYS}
+    if parameters.get("multilabel"):  # only then: runs of single-label models resume as before
+        view["multilabel"] = True
+    return view
 
 
 def _write_run_files(
@@ -676,6 +721,7 @@ def _write_run_files(
             "input_size": [config.image_size, config.image_size],
             "mean": list(network.mean),
             "std": list(network.std),
+            "multilabel": config.multilabel,
             "training": parameters,
         },
     )
@@ -758,6 +804,26 @@ def _deterministic(seed: int):
         yield
     finally:
         torch.use_deterministic_algorithms(previous, warn_only=previous_warn)
+
+
+def _scan(data: str | Path, multilabel: bool, *, cli: bool) -> ImageFolder:
+    """The data set: an ImageFolder, or the CSV ``image,labels`` of a multi-label run."""
+    path = Path(data)
+    flag = "--multilabel" if cli else "multilabel=True"
+    if multilabel:
+        if path.is_dir():
+            raise ConfigError(
+                f"{flag} trains on a CSV file image,labels (labels separated by "
+                f"{LABEL_SEPARATOR!r}), but {str(path)!r} is a folder; pass its CSV, e.g. the "
+                "labels.csv of `camlens make-dataset shapes --per-image 2`"
+            )
+        return scan_label_csv(path)
+    if path.is_file() and path.suffix.lower() == ".csv":
+        raise ConfigError(
+            f"{str(path)!r} is a CSV file; a CSV image,labels is multi-label data: add {flag}, "
+            "or pass an ImageFolder (one subfolder of images per class)"
+        )
+    return scan_image_folder(path)
 
 
 def _within(name: str, prefix: str) -> bool:

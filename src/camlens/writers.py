@@ -20,6 +20,8 @@ from typing import Any, Self
 import numpy as np
 from PIL import Image
 
+from camlens.defaults import PNG_COMPRESS_LEVEL
+
 
 def _current_umask() -> int:
     mask = os.umask(0)
@@ -81,10 +83,13 @@ def write_json(path: str | os.PathLike, data: Any) -> Path:
     return write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
-def write_png(path: str | os.PathLike, image: Image.Image) -> Path:
-    """Save a PIL image as PNG at ``path`` atomically."""
+def write_png(
+    path: str | os.PathLike, image: Image.Image, *, compress_level: int = PNG_COMPRESS_LEVEL
+) -> Path:
+    """Save a PIL image as PNG at ``path`` atomically (zlib ``compress_level``, 0-9; the
+    default favours speed, see ``camlens.defaults.PNG_COMPRESS_LEVEL``)."""
     with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
+        image.save(tmp, format="PNG", compress_level=compress_level)
     return Path(path)
 
 

@@ -1,17 +1,29 @@
 """The Python front end: one function per job, each taking a model spec or a loaded model.
 
-``explain`` (in memory) and ``run_explain`` (into a folder), ``evaluate``, ``audit``, ``train``.
+``explain`` (in memory) and ``run_explain`` (into a folder), ``evaluate``, ``audit``, ``train``,
+``factorize`` (concepts, in memory) and ``concepts`` (into a folder).
 Each is loaded on first use, so that importing one job does not import the others.
 """
 
 from camlens.lazy import lazy_exports
 
-__all__ = ["audit", "evaluate", "explain", "run_explain", "save_explanation", "train"]
+__all__ = [
+    "audit",
+    "concepts",
+    "evaluate",
+    "explain",
+    "factorize",
+    "run_explain",
+    "save_explanation",
+    "train",
+]
 
 __getattr__, __dir__ = lazy_exports(
     globals(),
     {
         "audit": "camlens.api.auditing",
+        "concepts": "camlens.api.factorizing",
+        "factorize": "camlens.api.factorizing",
         "evaluate": "camlens.api.evaluating",
         "explain": "camlens.api.explaining",
         "run_explain": "camlens.api.explaining",

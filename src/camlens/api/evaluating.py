@@ -50,7 +50,7 @@ def evaluate(
     image_root: str | os.PathLike | None = None,
     layer: str | None = None,
     method_options: dict[str, Any] | None = None,
-    steps: int = 100,
+    steps: int = faith.DEFAULT_STEPS,
     deletion_baseline: str = "zero",
     insertion_baseline: str = "blur",
     score: str = "prob",

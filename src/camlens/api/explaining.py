@@ -15,10 +15,10 @@ from camlens.errors import ConfigError
 from camlens.explanation import Explanation
 from camlens.io import collect_inputs, load_image
 from camlens.methods import CAMMethod, check_method, make_method
-from camlens.models import Classifier, load_model
+from camlens.models import Classifier, check_threshold_prob, load_model
 from camlens.pipeline import OutputFolder, RunOptions, RunResult, run
 from camlens.report.gallery import write_gallery
-from camlens.targets import Target
+from camlens.targets import Target, bind_target
 from camlens.tasks.common import output_stem
 from camlens.tasks.explain import ExplainTask, Style, write_image_outputs
 
@@ -33,6 +33,8 @@ def explain(
     target: Target = "top1",
     layer: str | None = None,
     method_options: dict[str, Any] | None = None,
+    multilabel: bool | None = None,
+    threshold_prob: float | None = None,
 ) -> Explanation:
     """Explain why ``model`` predicts what it does for ``images``.
 
@@ -47,11 +49,17 @@ def explain(
             class-agnostic projection; ``"random"``: a baseline), or a method instance to reuse
             across calls.
         target: ``"top1"``, ``"top5"``, a class id, a class name, a per-image list or a
-            callable (see ``camlens.targets.resolve_targets``).
+            callable (see ``camlens.targets.resolve_targets``); or
+            ``camlens.targets.Similarity(reference)``: the cosine similarity of each image's
+            embedding with a reference image's (not a class; ``targets`` are -1).
         layer: qualified name of the feature layer (default: found automatically); Layer-CAM
             also takes several, ``"layer3,layer4"``.
         method_options: keyword arguments of the method's class, e.g. ``{"max_channels": 64}``
             for Score-CAM, ``{"smooth": 8}`` for gradient methods.
+        multilabel: the model's classes are independent (sigmoid outputs): ``probs`` and
+            ``predictions`` use the sigmoid and ``target="positive"`` explains every class at
+            or above ``threshold_prob`` (default: the model's own, ``Classifier.multilabel``).
+        threshold_prob: the multi-label threshold (default: the model's, 0.5).
 
     Returns:
         An ``Explanation`` (``raw``, ``maps``, ``targets``, ``logits``, ``probs``, ``boxes()``,
@@ -72,6 +80,14 @@ def explain(
         (0, 0, 415, 300)
     """
     classifier = model if isinstance(model, Classifier) else load_model(model)
+    if multilabel is not None or threshold_prob is not None:  # the caller's model is untouched
+        classifier = replace(
+            classifier,
+            multilabel=classifier.multilabel if multilabel is None else bool(multilabel),
+            threshold_prob=check_threshold_prob(
+                classifier.threshold_prob if threshold_prob is None else threshold_prob
+            ),
+        )
     originals = sources = None
     if isinstance(images, torch.Tensor):
         batch = images.to(device=classifier.device)
@@ -88,13 +104,18 @@ def explain(
         if isinstance(method, CAMMethod)
         else make_method(classifier, method, layer, **(method_options or {}))
     )
+    bound = bind_target(
+        target, multilabel=classifier.multilabel, threshold_prob=classifier.threshold_prob
+    )
     return Explanation.from_result(
-        instance.run(batch, target),
+        instance.run(batch, bound),
         instance.name,
         tuple(batch.shape[-2:]),
         classifier.labels,
         images=originals,
         sources=sources,
+        multilabel=classifier.multilabel,
+        threshold_prob=classifier.threshold_prob,
     )
 
 

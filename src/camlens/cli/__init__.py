@@ -45,11 +45,12 @@ def main() -> None:
     Quick start:
       camlens demo --out demo_out              # built-in model on sample photos
       camlens explain photos/ --out results    # your images, top-1 class maps
+      camlens concepts photos/ --out found -k 5   # concepts shared by the images
     """
 
 
 def _register() -> None:
-    from camlens.cli import audit, evaluate, explain, serve, train
+    from camlens.cli import audit, concepts, evaluate, explain, serve, train
 
     for command in (
         explain.explain,
@@ -57,6 +58,7 @@ def _register() -> None:
         serve.serve,
         evaluate.evaluate,
         audit.audit,
+        concepts.concepts,
         train.train,
         train.make_dataset,
     ):

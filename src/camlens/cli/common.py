@@ -89,18 +89,22 @@ def out_option(help_text: str, *, default: str | None = None):
 
 MODEL_HELP = (
     f"Model: {DEFAULT_MODEL} (built in, ImageNet), torchvision:<name> or timm:<name> (with "
-    "--weights), a folder written by `camlens train`, or a TorchScript file."
+    "--weights), a folder written by `camlens train`, hf:FOLDER (a Hugging Face image "
+    "classifier saved with save_pretrained), or a TorchScript file."
 )
 
 
 @dataclass(frozen=True)
 class ModelFiles:
-    """``--weights``, ``--labels``, ``--trust-model`` and ``--random-weights``."""
+    """``--weights``, ``--labels``, ``--trust-model``, ``--random-weights``, ``--multilabel``
+    and ``--threshold-prob`` (None: the model's own, e.g. what a trained folder records)."""
 
     weights: Path | None = None
     labels: Path | None = None
     trust_model: bool = False
     random_weights: bool = False
+    multilabel: bool | None = None
+    threshold_prob: float | None = None
 
     @property
     def given(self) -> bool:
@@ -126,6 +130,8 @@ class ModelChoice:
             trust_model=self.files.trust_model,
             random_weights=self.files.random_weights,
             device=device,
+            multilabel=self.files.multilabel,
+            threshold_prob=self.files.threshold_prob,
         )
         if classifier.info.get("format") == "torchscript":
             raise ConfigError(TORCHSCRIPT_NOT_HOOKABLE.format(name=self.spec, path=self.spec))
@@ -133,12 +139,16 @@ class ModelChoice:
 
 
 def model_file_options(function):
-    """``--weights``, ``--labels``, ``--trust-model``, ``--random-weights``; the command gets
-    ``model_files: ModelFiles``."""
+    """``--weights``, ``--labels``, ``--trust-model``, ``--random-weights``, ``--multilabel``,
+    ``--threshold-prob``; the command gets ``model_files: ModelFiles``."""
 
     @functools.wraps(function)
-    def command(*args, weights, labels, trust_model, random_weights, **kwargs):
-        files = ModelFiles(weights, labels, trust_model, random_weights)
+    def command(
+        *args, weights, labels, trust_model, random_weights, multilabel, threshold_prob, **kwargs
+    ):
+        files = ModelFiles(
+            weights, labels, trust_model, random_weights, multilabel or None, threshold_prob
+        )
         return function(*args, model_files=files, **kwargs)
 
     return _add(
@@ -170,6 +180,21 @@ def model_file_options(function):
                 is_flag=True,
                 help="Allow a torchvision:/timm: architecture without --weights, i.e. with "
                 "random weights (its maps mean nothing): for tests and sanity checks.",
+            ),
+            click.option(
+                "--multilabel",
+                is_flag=True,
+                help="The model's classes are independent (sigmoid outputs): predictions list "
+                "every class whose sigmoid probability reaches --threshold-prob, and --target "
+                "positive explains each of them. Default: what a `camlens train` folder "
+                "records, else single-label (softmax).",
+            ),
+            click.option(
+                "--threshold-prob",
+                type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
+                default=None,
+                help="Multi-label: the sigmoid probability a class needs to be predicted "
+                "(default 0.5).",
             ),
         ],
     )

@@ -52,10 +52,11 @@ METRIC_GROUPS = (
 )
 @click.option(
     "--steps",
-    default=100,
+    default=128,  # camlens.metrics.faithfulness.DEFAULT_STEPS (a test keeps them equal)
     show_default=True,
     type=click.IntRange(min=1),
-    help="Deletion/insertion steps.",
+    help="Deletion/insertion steps: each curve has STEPS + 1 points, one forward pass per "
+    "point and image. The report and the summary line state the number used.",
 )
 @click.option(
     "--deletion-baseline",
@@ -181,9 +182,14 @@ def _summary_table(result: dict) -> str:
     methods = result["methods"]
     keys = [k for k in result["metrics"] if any(v.get(k) is not None for v in methods.values())]
     width = max([len("method"), *(len(m) for m in methods)])
-    lines = [
+    head = (
         f"{result['n_images']} images, {result['n_instances']} annotated classes, "
-        f"{result['n_failed']} failed",
+        f"{result['n_failed']} failed"
+    )
+    if {"deletion_auc", "insertion_auc"} & set(result["metrics"]):
+        head += f"; deletion/insertion: {result['settings']['steps']} steps"
+    lines = [
+        head,
         " ".join(["method".ljust(width), *(k.rjust(max(len(k), 6)) for k in keys)]),
     ]
     for name, values in methods.items():

@@ -30,7 +30,10 @@ if TYPE_CHECKING:
     "--target",
     default="top1",
     show_default=True,
-    help="What to explain: top1, top5, topK, a class id or a class name.",
+    help="What to explain: top1, top5, topK, a class id or a class name; positive (with "
+    "--multilabel): every class whose sigmoid probability reaches --threshold-prob; "
+    "similar:PATH: the regions that make each image similar to the image PATH (cosine "
+    "similarity of their embeddings, the classifier's pooled features).",
 )
 @style_options
 @click.option(
@@ -143,11 +146,17 @@ def _summary(result: RunResult) -> str:
 
 
 def parse_target(text: str) -> Target:
-    """``--target``: a class id when it is a number (ASCII digits only), else a name or topK.
+    """``--target``: a class id when it is a number (ASCII digits only), ``similar:PATH`` a
+    ``camlens.targets.Similarity`` (PATH checked now: a ``ConfigError`` naming it if it cannot
+    be read), else a name or topK.
 
     Example:
         >>> parse_target("285"), parse_target("Egyptian cat"), parse_target("²")
         (285, 'Egyptian cat', '²')
     """
     stripped = text.strip()
+    if stripped.lower().startswith("similar:"):
+        from camlens.targets import Similarity
+
+        return Similarity.from_text(stripped)
     return int(stripped) if stripped.isascii() and stripped.isdigit() else text

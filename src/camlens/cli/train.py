@@ -67,6 +67,13 @@ from camlens.data.catalog import DEFAULT_CLASSES, POSITIONS, SHAPES, SHORTCUTS
     help="Channels of the 3x3 convolution added by Zhou's recipe (non-GAP backbones).",
 )
 @click.option(
+    "--multilabel",
+    is_flag=True,
+    help="Several classes per image: DATA is a CSV image,labels (labels separated by ';', "
+    "paths relative to the CSV), trained with binary cross-entropy per class; accuracy is "
+    "exact-match (the predicted set of classes equals the true set).",
+)
+@click.option(
     "--resume",
     is_flag=True,
     help="Continue the run in --out from its last epoch (same parameters and data, checked; "
@@ -92,15 +99,17 @@ def train(
     freeze_backbone: bool | None,
     no_augment: bool,
     head_channels: int,
+    multilabel: bool,
     resume: bool,
     overwrite: bool,
     device: str,
 ) -> None:
     """Train a CAM-ready classifier (GAP + one linear layer) on an ImageFolder data set.
 
-    DATA has one subfolder of images per class. Writes --out/model.safetensors (the best
-    epoch by validation accuracy), config.json, metrics.json and split.json; load the model
-    with --model OUT in every command, or camlens.load_model(OUT) in Python. Unreadable
+    DATA has one subfolder of images per class (with --multilabel: a CSV image,labels, e.g.
+    the labels.csv of `camlens make-dataset shapes --per-image 2`). Writes
+    --out/model.safetensors (the best epoch by validation accuracy), config.json,
+    metrics.json and split.json; load the model with --model OUT in every command, or camlens.load_model(OUT) in Python. Unreadable
     images are skipped and counted. A non-empty --out is refused unless --resume (same
     parameters and data) or --overwrite (removes only what camlens wrote there); nothing is
     created before the data set is checked. Exit status: 0 done, 2 usage or data-set error.
@@ -120,6 +129,7 @@ def train(
         augment=not no_augment,
         head_channels=head_channels,
         device=device,
+        multilabel=multilabel,
     )
     with _warnings_to_stderr():
         result = run_or_exit(
@@ -129,6 +139,8 @@ def train(
         )
     best = result.metrics["best_val_accuracy"]
     best_text = f"{100 * best:.1f} %" if best is not None else "n/a (no validation set)"
+    if multilabel and best is not None:
+        best_text += " exact-match"
     click.echo(
         f"trained on {result.n_train} images, validated on {result.n_val}"
         + (f", skipped {len(result.skipped)} unreadable" if result.skipped else "")
@@ -218,6 +230,14 @@ OUT_ARGUMENT_DEPRECATED = "Warning: camlens make-dataset KIND OUT is deprecated;
     type=click.FloatRange(0.0, 180.0),
     help="Shapes turn up to this many degrees from upright (180: any orientation).",
 )
+@click.option(
+    "--per-image",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Shapes per image, of different classes. 2 or more: multi-label data "
+    "(OUT/labels.csv for camlens train --multilabel; no shortcut).",
+)
 def make_dataset(
     kind: str,
     out: Path | None,
@@ -233,6 +253,7 @@ def make_dataset(
     shortcut_other_rate: float,
     shortcut_position: str,
     max_rotation: float,
+    per_image: int,
 ) -> None:
     """Generate a synthetic data set with ground truth into --out OUT.
 
@@ -242,6 +263,11 @@ def make_dataset(
       OUT/annotations.csv        image,x0,y0,x1,y1,label (paths relative to OUT)
       OUT/dataset.json           all parameters, the shortcut and one record per image
     Train on it with: camlens train OUT/images --out MODEL_DIR
+    \b
+    With --per-image 2 (multi-label): OUT/images/image_0000.png, one mask per object
+    (OUT/masks/image_0000_<class>.png), annotations.csv (one row per object) and
+    OUT/labels.csv (image,labels; classes separated by ';').
+    Train on it with: camlens train OUT/labels.csv --multilabel --out MODEL_DIR
 
     A non-empty --out is refused unless --overwrite (removes only what camlens wrote there,
     so no image of an older data set is mixed into the new one). Exit status: 0 done, 2 usage
@@ -270,6 +296,7 @@ def make_dataset(
         shortcut_other_rate=shortcut_other_rate,
         shortcut_position=shortcut_position,
         max_rotation=max_rotation,
+        per_image=per_image,
     )
     info = run_or_exit(lambda: make_shapes_dataset(out_dir, config, overwrite=overwrite, cli=True))
     summary = info["shortcut"]

@@ -25,6 +25,17 @@ Output layout (``make_shapes_dataset``)::
     OUT/annotations.csv                     image,x0,y0,x1,y1,label  (one row per object)
     OUT/dataset.json                        all parameters and one record per image
 
+With ``per_image`` = 2 or more (multi-label data), each image shows that many shapes of
+different classes (chosen at random per image, smaller: radius 0.75 x that of single shapes,
+never overlapping), and the layout is::
+
+    OUT/images/image_0000.png               the images
+    OUT/masks/image_0000_<class>.png        one mask per object (0 or 255)
+    OUT/annotations.csv                     image,x0,y0,x1,y1,label  (one row per object)
+    OUT/labels.csv                          image,labels  (classes separated by ";"), for
+                                            camlens train OUT/labels.csv --multilabel
+    OUT/dataset.json                        all parameters and one record per image
+
 Boxes are ``[x0, y0, x1, y1]`` in pixel-edge coordinates (``x1``, ``y1`` exclusive), as in
 ``camlens.localize``; image paths in the CSV and JSON are relative to ``OUT``.
 
@@ -49,6 +60,7 @@ from PIL import Image, ImageDraw
 from camlens.data.catalog import DEFAULT_CLASSES, POSITIONS, SHAPES, SHORTCUTS
 from camlens.errors import ConfigError
 from camlens.io.annotations import mask_box
+from camlens.io.imagefolder import LABEL_SEPARATOR
 from camlens.pipeline import OutputFolder, spelling
 from camlens.writers import write_json, write_png, write_text
 
@@ -61,6 +73,7 @@ Box = tuple[int, int, int, int]
 
 _SUPERSAMPLE = 4
 _RADIUS_RANGE = (0.15, 0.28)  # shape radius as a fraction of the image side
+_MULTI_RADIUS_SCALE = 0.75  # shapes are smaller when an image holds several
 
 
 @dataclass(frozen=True)
@@ -81,6 +94,8 @@ class ShapesConfig:
         max_rotation: shapes are turned by up to this many degrees either way from upright
             (180: any orientation, a much harder task for small data sets).
         noise: standard deviation of the pixel noise, in [0, 1] intensity units.
+        per_image: shapes per image, each of a different class (1: the ImageFolder layout;
+            2 or more: multi-label data, see the module docstring; no shortcut then).
     """
 
     n: int = 600
@@ -94,6 +109,7 @@ class ShapesConfig:
     shortcut_position: str = "bottom-left"
     max_rotation: float = 15.0
     noise: float = 0.04
+    per_image: int = 1
 
     def validated(self) -> ShapesConfig:
         """This configuration with defaults filled in; raises ConfigError when it is invalid."""
@@ -111,6 +127,16 @@ class ShapesConfig:
         if self.n < len(classes):
             raise ConfigError(
                 f"{self.n} images are fewer than one image per class ({len(classes)} classes)"
+            )
+        if not 1 <= self.per_image <= len(classes):
+            raise ConfigError(
+                f"per_image={self.per_image}: an image holds 1 to {len(classes)} shapes (one "
+                f"per class, {len(classes)} classes); use fewer or add classes"
+            )
+        if self.per_image > 1 and self.shortcut is not None:
+            raise ConfigError(
+                "shortcuts are planted on single-shape data sets only; use per_image=1 "
+                "(--per-image 1) with a shortcut"
             )
         if self.size < 16:
             raise ConfigError(f"size={self.size} is too small; use at least 16 pixels")
@@ -205,7 +231,10 @@ def make_shapes_dataset(
     parameters = {**asdict(config), "classes": list(config.classes)}
     folder.open(TASK, {"parameters": parameters}, resume=False, overwrite=overwrite)
     try:
-        info = _write_dataset(folder, config, plan, parameters)
+        if config.per_image > 1:
+            info = _write_multilabel_dataset(folder, config, parameters)
+        else:
+            info = _write_dataset(folder, config, plan, parameters)
     except Exception:
         folder.discard()  # e.g. a file of yours where an image goes: leave nothing half-made
         raise
@@ -251,6 +280,97 @@ def _write_dataset(
     }
     write_json(folder.path("dataset.json"), info)
     return info
+
+
+def _write_multilabel_dataset(folder: OutputFolder, config: ShapesConfig, parameters: dict) -> dict:
+    """Images of ``config.per_image`` shapes each, their masks, annotations.csv, labels.csv."""
+    records = []
+    boxes = [["image", "x0", "y0", "x1", "y1", "label"]]
+    labels = [["image", "labels"]]
+    for index in range(config.n):
+        sample = render_multishape_image(config, index)
+        stem = f"image_{index:04d}"
+        image_path = f"images/{stem}.png"
+        write_png(folder.path(image_path), Image.fromarray(sample.image))
+        objects = []
+        for label, mask, box in zip(sample.labels, sample.masks, sample.boxes, strict=True):
+            mask_path = f"masks/{stem}_{label}.png"
+            write_png(folder.path(mask_path), Image.fromarray(mask.astype(np.uint8) * 255))
+            boxes.append([image_path, *box, label])
+            objects.append({"label": label, "box": list(box), "mask": mask_path})
+        labels.append([image_path, LABEL_SEPARATOR.join(sample.labels)])
+        records.append({"image": image_path, "labels": list(sample.labels), "objects": objects})
+    for name, rows in (("annotations.csv", boxes), ("labels.csv", labels)):
+        buffer = io.StringIO()
+        csv.writer(buffer, lineterminator="\n").writerows(rows)
+        write_text(folder.path(name), buffer.getvalue())
+    info = {
+        "generator": "camlens make-dataset shapes",
+        "parameters": parameters,
+        "classes": list(config.classes),
+        "shortcut": None,
+        "images": records,
+    }
+    write_json(folder.path("dataset.json"), info)
+    return info
+
+
+@dataclass(frozen=True)
+class MultiShapeSample:
+    """One generated image with several shapes, and their ground truth.
+
+    Attributes:
+        image: (size, size, 3) uint8.
+        labels: the class of each shape (different classes).
+        masks: (size, size) bool per shape, its visible pixels.
+        boxes: the bounding box (x0, y0, x1, y1) of each shape, exclusive ends.
+    """
+
+    image: np.ndarray
+    labels: tuple[str, ...]
+    masks: tuple[np.ndarray, ...]
+    boxes: tuple[Box, ...]
+
+
+def render_multishape_image(config: ShapesConfig, index: int) -> MultiShapeSample:
+    """Draw image ``index`` of a multi-label data set: ``config.per_image`` shapes of different
+    classes (sorted by class order), placed so that they do not overlap.
+
+    Deterministic: the random stream is seeded by ``(config.seed, index)``.
+
+    Example:
+        >>> sample = render_multishape_image(ShapesConfig(n=4, per_image=2), 0)
+        >>> len(sample.labels), sample.image.shape
+        (2, (64, 64, 3))
+    """
+    rng = np.random.default_rng([config.seed, index])
+    size = config.size
+    chosen = sorted(rng.choice(len(config.classes), config.per_image, replace=False).tolist())
+    labels = tuple(config.classes[i] for i in chosen)
+    image = _background(rng, size)
+    alphas: list[np.ndarray] = []
+    keepout: list[Box] = []
+    for label in labels:
+        alpha = _shape_alpha(
+            rng, label, size, keepout, config.max_rotation, radius_scale=_MULTI_RADIUS_SCALE
+        )
+        colour = _contrasting_colour(rng, image, alpha)
+        shading = 1.0 + 0.15 * _smooth_noise(rng, size, cells=3)[..., None]
+        image = image * (1.0 - alpha[..., None]) + (colour * shading) * alpha[..., None]
+        alphas.append(alpha)
+        box = mask_box(alpha >= 0.5)
+        if box is not None:
+            keepout.append(box)
+    image = image + rng.normal(0.0, config.noise, image.shape)
+    pixels = np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
+    masks = []
+    for k, alpha in enumerate(alphas):
+        mask = alpha >= 0.5
+        for later in alphas[k + 1 :]:
+            mask &= later < 0.5  # a later shape covers it there
+        masks.append(mask)
+    boxes = tuple(mask_box(m) or (0, 0, 0, 0) for m in masks)
+    return MultiShapeSample(pixels, labels, tuple(masks), boxes)
 
 
 def render_shape_image(config: ShapesConfig, index: int, label: str, shortcut: bool) -> ShapeSample:
@@ -410,10 +530,17 @@ def _keepout_boxes(config: ShapesConfig) -> list[Box]:
 
 
 def _shape_alpha(
-    rng: np.random.Generator, label: str, size: int, keepout: Sequence[Box], max_rotation: float
+    rng: np.random.Generator,
+    label: str,
+    size: int,
+    keepout: Sequence[Box],
+    max_rotation: float,
+    *,
+    radius_scale: float = 1.0,
 ) -> np.ndarray:
-    """Anti-aliased coverage (size, size) in [0, 1] of one shape, placed outside ``keepout``."""
-    radius = rng.uniform(*_RADIUS_RANGE) * size
+    """Anti-aliased coverage (size, size) in [0, 1] of one shape, placed outside ``keepout``
+    (its radius drawn from ``_RADIUS_RANGE`` times ``radius_scale``)."""
+    radius = rng.uniform(*_RADIUS_RANGE) * size * radius_scale
     upright = -math.pi / 2 if label in ("triangle", "star") else 0.0  # a point up
     rotation = upright + math.radians(rng.uniform(-max_rotation, max_rotation))
     margin = 1.0

@@ -5,6 +5,11 @@
 skips (and counts) the files that cannot be read; ``stratified_split`` makes a seeded
 train/validation split with the same class proportions on both sides.
 
+Multi-label data (several classes per image) is a CSV file instead, read by
+``scan_label_csv``: a header ``image,labels``, then one row per image with its path (relative
+to the CSV's folder) and its class names separated by ``;`` (``a.png,circle;square``; an
+empty field: no class present).
+
 Images are resized exactly as ``Classifier.preprocess`` resizes them (the whole image,
 bilinear, no crop), so that a trained model sees the same pixels at training and at
 explanation time.
@@ -12,6 +17,7 @@ explanation time.
 
 from __future__ import annotations
 
+import csv
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,13 +39,19 @@ class ImageFolder:
         root: the data set folder.
         classes: class names (subfolder names, sorted); the class index is the position.
         paths: image files, grouped by class, sorted within each class.
-        targets: class index of each path.
+        targets: class index of each path; for multi-label data (``scan_label_csv``) one
+            0/1 list per path (1: the class is present).
     """
 
     root: Path
     classes: list[str]
     paths: list[Path]
-    targets: list[int]
+    targets: list[int] | list[list[int]]
+
+    @property
+    def multilabel(self) -> bool:
+        """Whether the targets are 0/1 lists (several classes per image)."""
+        return bool(self.targets) and isinstance(self.targets[0], list)
 
 
 @dataclass
@@ -108,9 +120,73 @@ def scan_image_folder(root: str | os.PathLike) -> ImageFolder:
     return ImageFolder(root=root, classes=classes, paths=paths, targets=targets)
 
 
+#: Separates the class names of one image in a multi-label CSV.
+LABEL_SEPARATOR = ";"
+
+
+def scan_label_csv(path: str | os.PathLike) -> ImageFolder:
+    """Read a multi-label data set: a CSV file ``image,labels`` (see the module docstring).
+
+    Parameters:
+        path: the CSV file; image paths in it are relative to its folder (or absolute).
+
+    Returns:
+        An ``ImageFolder`` whose ``root`` is the CSV's folder, ``classes`` the sorted class
+        names found in it, and ``targets`` one 0/1 list per image.
+
+    Raises:
+        ConfigError: no such file, no ``image`` and ``labels`` columns, no rows, or fewer than
+            two classes.
+
+    Example:
+        >>> _ = Path("labels.csv").write_text("image,labels\\na.png,circle;square\\nb.png,star\\n")
+        >>> data = scan_label_csv("labels.csv")
+        >>> data.classes, data.targets
+        (['circle', 'square', 'star'], [[1, 1, 0], [0, 0, 1]])
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(
+            f"multi-label data {str(path)!r} is not a file; pass a CSV with the header "
+            f"image,labels and labels separated by {LABEL_SEPARATOR!r} (e.g. the labels.csv "
+            "of `camlens make-dataset shapes --per-image 2`)"
+        )
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise ConfigError(f"cannot read {path}: {error}") from error
+    if not rows or not {"image", "labels"} <= set(rows[0]):
+        raise ConfigError(
+            f"{path} needs a header with the columns image,labels and at least one row; "
+            f"labels are class names separated by {LABEL_SEPARATOR!r}, e.g. "
+            "images/0001.png,circle;square"
+        )
+    names = [
+        [n.strip() for n in (row["labels"] or "").split(LABEL_SEPARATOR) if n.strip()]
+        for row in rows
+    ]
+    classes = sorted({n for row_names in names for n in row_names})
+    if len(classes) < 2:
+        raise ConfigError(
+            f"{path} names {len(classes)} class(es) ({', '.join(classes) or 'none'}); "
+            "a classifier needs at least two"
+        )
+    index = {name: i for i, name in enumerate(classes)}
+    paths, targets = [], []
+    for row, row_names in zip(rows, names, strict=True):
+        image = Path(row["image"] or "")
+        paths.append(image if image.is_absolute() else path.parent / image)
+        hot = [0] * len(classes)
+        for name in row_names:
+            hot[index[name]] = 1
+        targets.append(hot)
+    return ImageFolder(root=path.parent, classes=classes, paths=paths, targets=targets)
+
+
 def load_images(
     paths: Sequence[Path],
-    targets: Sequence[int],
+    targets: Sequence[int] | Sequence[Sequence[int]],
     size: tuple[int, int],
     *,
     progress: bool = False,

@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+from camlens.methods.attention import (
+    AttentionCapture,
+    AttentionMethod,
+    AttentionRollout,
+    GradientRollout,
+    find_attention,
+    has_attention,
+)
 from camlens.methods.base import CAMMethod, MethodResult, Step
 from camlens.methods.baseline import RandomCAM
 from camlens.methods.cam import CAM
@@ -24,6 +32,7 @@ from camlens.methods.registry import (
     check_method,
     get_method,
     make_method,
+    methods_for,
     options_for,
 )
 from camlens.methods.statistical import FEM
@@ -35,6 +44,9 @@ __all__ = [
     "KPCACAM",
     "METHODS",
     "AblationCAM",
+    "AttentionCapture",
+    "AttentionMethod",
+    "AttentionRollout",
     "CAMMethod",
     "EigenCAM",
     "EigenGradCAM",
@@ -43,6 +55,7 @@ __all__ = [
     "GradCAM",
     "GradCAMElementWise",
     "GradCAMPlusPlus",
+    "GradientRollout",
     "GuidedBackprop",
     "GuidedGradCAM",
     "HiResCAM",
@@ -55,8 +68,11 @@ __all__ = [
     "Step",
     "XGradCAM",
     "check_method",
+    "find_attention",
     "fuse_maps",
     "get_method",
+    "has_attention",
     "make_method",
+    "methods_for",
     "options_for",
 ]

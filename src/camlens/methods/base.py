@@ -3,25 +3,30 @@
 Contract of every method: ``raw = method(x, targets)`` returns float32 maps (N, K, h, w) at
 the feature layer's resolution, *signed and un-normalised*: no ReLU, no upsampling, no
 rescaling. ``Explanation.maps`` derives the [0, 1] input-size maps from them.
+
+Methods only ever see (N, C, h, w) feature maps: a transformer layer's tokens (N, T, C) or
+channels-last maps (N, h, w, C) are converted here, once, by the capture
+(``CamHead.layout``, found by ``camlens.layers.find_cam_head``; see ``camlens.tokens``).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from camlens.errors import ConfigError
 from camlens.hooks import LayerCapture, get_layer, preserved_state
-from camlens.layers import CamHead, cached_cam_head
+from camlens.layers import CamHead, Reshape, cached_cam_head
 from camlens.methods.linalg import weighted_first_component
 from camlens.models.checkpoints import TORCHSCRIPT_NOT_HOOKABLE
 from camlens.models.outputs import OutputSpec, select_logits
-from camlens.targets import Target, resolve_targets
+from camlens.targets import Similarity, Target, resolve_targets
+from camlens.tokens import Layout, ReshapeLayout
 
 LayerSpec = str | Sequence[str] | None
 
@@ -50,6 +55,12 @@ class MethodResult:
             their names joined by commas).
         identity_error: for CAM, max |mean(M_c) + b_c - y_c| over the batch; else None (and
             None with ``eigen_smooth`` or ``aug_smooth``, whose maps do not decompose ``y_c``).
+        scores: (N, K) float32 scores of targets that are not classes (a
+            ``camlens.targets.Similarity``: the cosine similarity of the input's embedding with
+            the reference's), whose ``targets`` are ``NOT_A_CLASS``; None for class targets
+            (their scores are the logits).
+        target_labels: the names of the K targets when they are not classes
+            (``("similar:ref.png",)``); None for class targets.
     """
 
     raw: torch.Tensor
@@ -57,6 +68,8 @@ class MethodResult:
     targets: torch.Tensor
     layer: str
     identity_error: float | None = None
+    scores: torch.Tensor | None = None
+    target_labels: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -72,13 +85,20 @@ class Step:
             in the order of the heads (one unless the method fuses layers). For gradient
             methods they are the leaves that ``CAMMethod.target_gradients`` differentiates to.
         logits: (N, classes) the model's scores, still in the graph for gradient methods.
-        targets: (N, K) long, the explained classes.
+        targets: (N, K) long, the explained classes (``NOT_A_CLASS`` for a similarity).
+        scores: with a ``similarity`` target, its (N, 1) float32 scores ``cos(e(x), e(r))``,
+            in the graph for gradient methods: what they differentiate instead of a logit
+            (``target_gradients(..., scores=step.scores)``); None for class targets.
+        similarity: the ``camlens.targets.Similarity`` target, or None; perturbation methods
+            score their perturbed inputs with it (``CAMMethod.similarity_of``).
     """
 
     x: torch.Tensor
     activations: tuple[torch.Tensor, ...]
     logits: torch.Tensor
     targets: torch.Tensor
+    scores: torch.Tensor | None = None
+    similarity: Similarity | None = None
 
     @property
     def activation(self) -> torch.Tensor:
@@ -94,8 +114,15 @@ class _ChainedCapture(LayerCapture):
     or the gradient could not flow back to the earlier layer.
     """
 
-    def __init__(self, layer: nn.Module, *, call: int = -1, track_gradients: bool = False):
-        super().__init__(layer, call=call, track_gradients=track_gradients)
+    def __init__(
+        self,
+        layer: nn.Module,
+        *,
+        call: int = -1,
+        track_gradients: bool = False,
+        layout: Layout | ReshapeLayout | None = None,
+    ):
+        super().__init__(layer, call=call, track_gradients=track_gradients, layout=layout)
         self.wants_gradients = track_gradients
 
     def _hook(self, module: nn.Module, inputs: object, output: object) -> torch.Tensor:
@@ -142,6 +169,14 @@ class CAMMethod:
             a flipped copy is flipped back; the targets are the clean input's and ``logits``
             the clean ones. Six passes (each one smoothed too with ``smooth``). Refused by
             methods whose maps do not follow the input (``aug_smooth_applies``: random).
+        reshape: a function mapping the layer's output to (N, C, h, w) feature maps, for the
+            exotic layouts that camlens does not recognise by itself. Tokens (N, T, C) and
+            channels-last maps (N, h, w, C) of timm and torchvision transformers need none: the
+            layout is found from the traced forward pass (``camlens.tokens.infer_layout``:
+            the grid from the token count and the input size, prefix tokens such as CLS
+            dropped), and a layer whose layout cannot be determined is refused. ``fn`` must
+            only select and rearrange entries (slicing, ``reshape``, ``permute``): gradients
+            are mapped back through it (``camlens.tokens.ReshapeLayout``).
 
     Example:
         >>> from torch import nn
@@ -173,6 +208,19 @@ class CAMMethod:
     #: Whether averaging the maps of flipped / brightened copies of the input means anything
     #: (False for maps that do not depend on the input, e.g. the random baseline).
     aug_smooth_applies: ClassVar[bool] = True
+    #: Whether the method explains a ``camlens.targets.Similarity`` target: its maps come from
+    #: ``Step.scores`` (gradients: ``target_gradients(..., scores=step.scores)``; perturbations:
+    #: ``similarity_of``) or do not depend on the target. False: refused with
+    #: ``similarity_refusal`` and the names of the methods that can.
+    score_targets: ClassVar[bool] = False
+    #: Why a method with ``score_targets = False`` cannot explain a similarity.
+    similarity_refusal: ClassVar[str] = (
+        "it computes the classes' scores itself and does not take another score"
+    )
+    #: How a reference image of a ``Similarity`` target becomes a model input (1, C, H, W)
+    #: when the target has no ``preprocess`` of its own: ``make_method`` sets the
+    #: Classifier's preprocessing here.
+    preprocess: Callable[[Any], torch.Tensor] | None = None
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
@@ -194,6 +242,7 @@ class CAMMethod:
         smooth_sigma: float = 0.15,
         eigen_smooth: bool = False,
         aug_smooth: bool = False,
+        reshape: Reshape | None = None,
     ) -> None:
         if not isinstance(module, nn.Module):
             raise ConfigError(f"{type(self).__name__} needs an nn.Module, got {type(module)}")
@@ -231,9 +280,17 @@ class CAMMethod:
         self.smooth_sigma = smooth_sigma
         self.eigen_smooth = bool(eigen_smooth)
         self.aug_smooth = bool(aug_smooth)
+        if reshape is not None and not callable(reshape):
+            raise ConfigError(
+                f"reshape must be a function mapping the layer's output to (N, C, h, w) maps, "
+                f"got {type(reshape).__name__}"
+            )
+        self.reshape = reshape
         self.head: CamHead | None = None
         self.heads: list[CamHead] | None = None
         self.layer_calls = 0  # how often the (last) feature layer ran in the last forward
+        # (target, key, (1, D) embedding): a Similarity's reference, computed once per key
+        self._reference: tuple[Similarity, tuple[Any, ...], torch.Tensor] | None = None
 
     def _layer_names(self, layer: LayerSpec) -> list[str]:
         """The layer names asked for: ``"a,b"`` (as ``MethodResult.layer`` writes several
@@ -267,17 +324,21 @@ class CAMMethod:
             )
         if x.is_inference():
             x = x.clone()
+        similarity = self.similarity_target(targets)
         with preserved_state(self.module):
             heads = self.resolve_heads(x)
             if self.aug_smooth:
                 raw, logits, ids = self._augmented(x, targets)
             else:
                 raw, logits, ids = self._explain(x, targets)
+            scores = None if similarity is None else self.similarity_of(x, similarity)
         result = MethodResult(
             raw=raw.detach().float(),
             logits=logits.detach(),
             targets=ids,
             layer=",".join(h.feature_layer for h in heads),
+            scores=scores,
+            target_labels=None if similarity is None else (similarity.label,),
         )
         if not (self.eigen_smooth or self.aug_smooth):  # else not the method's own map
             self.check(result)
@@ -294,13 +355,14 @@ class CAMMethod:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Mean raw map over ``AUGMENTATIONS`` of ``x`` (flipped maps flipped back), for the
         clean input's targets; the logits are the clean input's (the identity's pass)."""
-        total, logits, ids = None, None, targets
+        total, logits, ids, fixed = None, None, targets, targets
         for flip, factor in AUGMENTATIONS:
             augmented = x if factor == 1 else x * factor
             augmented = augmented.flip(-1) if flip else augmented
-            raw, pass_logits, pass_ids = self._explain(augmented, ids)
+            raw, pass_logits, pass_ids = self._explain(augmented, fixed)
             if logits is None:  # the first augmentation is the identity
                 logits, ids = pass_logits, pass_ids
+                fixed = targets if isinstance(targets, Similarity) else ids
             raw = raw.flip(-1) if flip else raw
             total = raw if total is None else total + raw
         return total / len(AUGMENTATIONS), logits, ids
@@ -312,20 +374,27 @@ class CAMMethod:
         captures = [
             _ChainedCapture(
                 get_layer(self.module, h.feature_layer),
-                call=h.call,
+                call=h.call_index,
                 track_gradients=self.needs_gradients,
+                layout=h.layout,
             )
             for h in self.heads
         ]
+        similarity = targets if isinstance(targets, Similarity) else None
+        embedding = None if similarity is None else self.embedding_capture(similarity, x)
         grad_context = torch.no_grad() if self.needs_gradients else torch.inference_mode()
         with contextlib.ExitStack() as stack:
             for capture in captures:
                 stack.enter_context(capture)
+            if embedding is not None:
+                stack.enter_context(embedding)
             stack.enter_context(grad_context)
             logits = select_logits(self.module(x), self.output)
         self.layer_calls = captures[-1].n_calls
         ids = resolve_targets(targets, logits.detach(), self.labels)
-        step = Step(x, tuple(capture.activation for capture in captures), logits, ids)
+        scores = None if embedding is None else self._similarity_scores(similarity, embedding, x)
+        activations = tuple(capture.activation for capture in captures)
+        step = Step(x, activations, logits, ids, scores, similarity)
         raw = self.compute_raw(step) if len(step.activations) == 1 else self.fuse_layers(step)
         return raw.detach().float(), logits, ids
 
@@ -341,9 +410,99 @@ class CAMMethod:
         total = None
         for _ in range(self.smooth):
             noisy = x + torch.randn_like(x) * sigma
-            raw = self._explain_once(noisy, ids)[0]
+            raw = self._explain_once(noisy, targets if isinstance(targets, Similarity) else ids)[0]
             total = raw if total is None else total + raw
         return total / self.smooth, logits, ids
+
+    def similarity_target(self, targets: Target) -> Similarity | None:
+        """``targets`` when it is a ``camlens.targets.Similarity`` this method can explain;
+        None for class targets.
+
+        Raises:
+            ConfigError: a similarity for a method that cannot explain one (``score_targets``
+                False, e.g. CAM), naming the reason and the methods that can.
+        """
+        if not isinstance(targets, Similarity):
+            return None
+        if not self.score_targets:
+            raise ConfigError(
+                f"{self.name} cannot explain the similarity target {targets.label!r}: "
+                f"{self.similarity_refusal}. Methods that explain a similarity: "
+                f"{', '.join(similarity_methods())}"
+            )
+        return targets
+
+    def embedding_layer(self, target: Similarity) -> tuple[str, bool]:
+        """``(layer name, inputs)``: where ``target``'s embedding is read: the output of its
+        ``layer``, or (``inputs`` True) the input of the classifier's final linear layer
+        (``CamHead.classifier``, found with the feature layer).
+
+        Raises:
+            ConfigError: no such layer, or no final linear layer found and no ``layer`` given.
+        """
+        if target.layer is not None:
+            get_layer(self.module, target.layer)
+            return target.layer, False
+        classifier = self.head.classifier if self.head is not None else None
+        if classifier is None:
+            raise ConfigError(
+                f"similarity target {target.label!r}: no final linear layer was found in this "
+                "model, whose input (the pooled features) is the default embedding; name the "
+                'layer whose output is the embedding: Similarity(reference, layer="...")'
+            )
+        return classifier, True
+
+    def embedding_capture(self, target: Similarity, x: torch.Tensor) -> EmbeddingCapture:
+        """A fresh ``EmbeddingCapture`` of ``target``'s embedding layer, after computing the
+        reference's embedding for inputs like ``x`` (``reference_embedding``)."""
+        self.reference_embedding(target, x)
+        name, inputs = self.embedding_layer(target)
+        return EmbeddingCapture(get_layer(self.module, name), name, inputs=inputs)
+
+    def reference_embedding(self, target: Similarity, x: torch.Tensor) -> torch.Tensor:
+        """(1, D) float32 embedding ``e(r)`` of ``target``'s reference: one forward pass
+        without gradients, on ``x``'s device and dtype, kept for the next calls with the same
+        target, layer, device and dtype."""
+        name, inputs = self.embedding_layer(target)
+        key = (name, inputs, x.device, x.dtype)
+        cached = self._reference
+        if cached is not None and cached[0] is target and cached[1] == key:
+            return cached[2]
+        batch = target.reference_input(self.preprocess, x.device, x.dtype)
+        capture = EmbeddingCapture(get_layer(self.module, name), name, inputs=inputs)
+        with preserved_state(self.module), capture, torch.no_grad():
+            select_logits(self.module(batch), self.output)
+        reference = target.embed(capture.embedding).detach()
+        self._reference = (target, key, reference)
+        return reference
+
+    def similarity_of(self, x: torch.Tensor, target: Similarity) -> torch.Tensor:
+        """(N, 1) float32 ``cos(e(x), e(r))`` of a batch ``x`` (one forward pass without
+        gradients; the hooks the caller holds, e.g. Ablation-CAM's, stay active): the score
+        that perturbation methods read for their perturbed inputs."""
+        capture = self.embedding_capture(target, x)
+        with capture, torch.no_grad():
+            select_logits(self.module(x), self.output)
+        return target.score(target.embed(capture.embedding), self.reference_embedding(target, x))
+
+    def _similarity_scores(
+        self, target: Similarity, capture: EmbeddingCapture, x: torch.Tensor
+    ) -> torch.Tensor:
+        """(N, 1) ``cos(e(x), e(r))`` of the forward pass just captured, in the graph for
+        gradient methods (whose leaves are the feature layer's outputs)."""
+        with torch.enable_grad() if self.needs_gradients else contextlib.nullcontext():
+            scores = target.score(
+                target.embed(capture.embedding), self.reference_embedding(target, x)
+            )
+        if self.needs_gradients and not scores.requires_grad:
+            raise ConfigError(
+                f"similarity target {target.label!r}: its embedding (layer {capture.name!r}) "
+                "does not depend on the explained feature layer "
+                f"{self.head.feature_layer if self.head else '?'!r}, so it has no gradient "
+                "there; take the embedding from a layer after it (or the default: the "
+                "classifier's input)"
+            )
+        return scores
 
     def resolve_heads(self, x: torch.Tensor) -> list[CamHead]:
         """The heads of every explained layer (one unless the method fuses layers).
@@ -356,7 +515,14 @@ class CAMMethod:
         names = self._layer_names(self.layer)
         if len(names) > 1:
             self.heads = [
-                cached_cam_head(self.module, x, layer=n, call=self.call, output=self.output)
+                cached_cam_head(
+                    self.module,
+                    x,
+                    layer=n,
+                    call=self.call,
+                    output=self.output,
+                    reshape=self.reshape,
+                )
                 for n in names
             ]
             self.head = self.heads[-1]
@@ -369,7 +535,9 @@ class CAMMethod:
         cached per module while its structure does not change: ``cached_cam_head``)."""
         names = self._layer_names(self.layer)
         layer = names[0] if names else None
-        self.head = cached_cam_head(self.module, x, layer=layer, call=self.call, output=self.output)
+        self.head = cached_cam_head(
+            self.module, x, layer=layer, call=self.call, output=self.output, reshape=self.reshape
+        )
         return self.head
 
     def compute_raw(self, step: Step) -> torch.Tensor:
@@ -417,13 +585,15 @@ class CAMMethod:
         activation: torch.Tensor | Sequence[torch.Tensor],
         logits: torch.Tensor,
         targets: torch.Tensor,
+        scores: torch.Tensor | None = None,
     ) -> torch.Tensor | list[torch.Tensor]:
         """d y_target / d A for each target: (N, K, C, h, w).
 
         One backward pass per target column, each reaching only down to ``activation``
         (``torch.autograd.grad`` with respect to the layer output; parameters' ``.grad`` are
         never written). Given a list of layer outputs, returns one such tensor per layer, from
-        the same backward passes.
+        the same backward passes. ``scores`` (N, K), in the graph: differentiate these instead
+        of the targets' logits (``Step.scores`` of a similarity target; None: the logits).
         """
         layers = [activation] if isinstance(activation, torch.Tensor) else list(activation)
         if not all(a.requires_grad for a in layers):
@@ -432,9 +602,91 @@ class CAMMethod:
         grads: list[list[torch.Tensor]] = [[] for _ in layers]
         with torch.enable_grad():  # the caller may be inside torch.no_grad()
             for j in range(k):
-                score = logits.gather(1, targets[:, j : j + 1]).sum()
+                if scores is None:
+                    score = logits.gather(1, targets[:, j : j + 1]).sum()
+                else:
+                    score = scores[:, j].sum()
                 per_layer = torch.autograd.grad(score, layers, retain_graph=j < k - 1)
                 for store, grad in zip(grads, per_layer, strict=True):
                     store.append(grad)
         stacked = [torch.stack(g, dim=1) for g in grads]
         return stacked[0] if isinstance(activation, torch.Tensor) else stacked
+
+
+class EmbeddingCapture:
+    """Capture the embedding a ``camlens.targets.Similarity`` compares during a forward pass:
+    the input of ``layer`` (``inputs=True``: a forward pre-hook, e.g. the classifier's pooled
+    features) or its output (a forward hook; the rest of the network receives a copy, so an
+    in-place operation after the layer cannot change it). The last call counts. The hook is
+    attached on entry and always removed on exit, also when the forward pass raises.
+
+    Example:
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        ...                       nn.Linear(4, 2))
+        >>> with EmbeddingCapture(model[3], "3", inputs=True) as capture, torch.no_grad():
+        ...     logits = model(torch.rand(2, 3, 8, 8))
+        >>> capture.embedding.shape, len(model[3]._forward_pre_hooks)  # the hook is gone
+        (torch.Size([2, 4]), 0)
+    """
+
+    def __init__(self, layer: nn.Module, name: str, *, inputs: bool) -> None:
+        self.layer = layer
+        self.name = name
+        self.inputs = inputs
+        self.value: torch.Tensor | None = None
+        self._handle: torch.utils.hooks.RemovableHandle | None = None
+
+    def _before(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        self.value = args[0] if args and isinstance(args[0], torch.Tensor) else None
+
+    def _after(self, module: nn.Module, args: object, output: object) -> object:
+        if not isinstance(output, torch.Tensor):
+            self.value = None
+            return output
+        self.value = output
+        return output.clone()
+
+    def __enter__(self) -> EmbeddingCapture:
+        self.value = None
+        if self.inputs:
+            self._handle = self.layer.register_forward_pre_hook(self._before)
+        else:
+            self._handle = self.layer.register_forward_hook(self._after)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    @property
+    def embedding(self) -> torch.Tensor:
+        """The captured tensor (the layer's input or output in the last forward pass)."""
+        if self.value is None:
+            where = "input" if self.inputs else "output"
+            raise ConfigError(
+                f"similarity embedding: layer {self.name!r} did not run with a tensor "
+                f"{where} in the forward pass; name a layer that does: "
+                'Similarity(reference, layer="...")'
+            )
+        return self.value
+
+
+def similarity_methods() -> list[str]:
+    """The names of the methods that explain a ``camlens.targets.Similarity`` target (their
+    class has ``score_targets``), in the order the classes were defined.
+
+    Example:
+        >>> import camlens.methods
+        >>> "gradcam" in similarity_methods(), "cam" in similarity_methods()
+        (True, False)
+    """
+    names: list[str] = []
+    pending = list(CAMMethod.__subclasses__())
+    while pending:
+        cls = pending.pop(0)
+        pending.extend(cls.__subclasses__())
+        if cls.score_targets and not cls.name.startswith(("base", "_")) and cls.name not in names:
+            names.append(cls.name)
+    return names

@@ -26,6 +26,7 @@ class RandomCAM(CAMMethod):
     """
 
     name = "random"
+    score_targets = True
     aug_smooth_applies = False
 
     def __init__(

@@ -30,6 +30,10 @@ class CAM(CAMMethod):
     """
 
     name = "cam"
+    similarity_refusal = (
+        "CAM weighs the feature maps with a class's weights in the final linear layer, and a "
+        "similarity is not a class"
+    )
 
     def resolve_head(self, x: torch.Tensor) -> CamHead:
         head = super().resolve_head(x)

@@ -101,6 +101,8 @@ class FinerCAM(_Float32GradientMethod):
     """
 
     name = "finercam"
+    score_targets = False
+    similarity_refusal = "it compares a class with the classes closest to it"
 
     def __init__(
         self,
@@ -188,6 +190,8 @@ class ShapleyCAM(_Float32GradientMethod):
     """
 
     name = "shapleycam"
+    score_targets = False
+    similarity_refusal = "its utilities are functions of the class probabilities"
     UTILITIES: ClassVar[tuple[str, ...]] = ("rest", "logit", "softmax")
 
     def __init__(

@@ -29,7 +29,8 @@ class GradCAM(CAMMethod):
 
     Works on any CNN layer. On a GAP + linear head ``d y_c / d A_k[i, j] = w_k^c / (h w)``,
     so Grad-CAM equals CAM divided by ``h * w``. The backward pass reaches only down to the
-    target layer. ``y_c`` is the logit (pre-softmax score).
+    target layer. ``y_c`` is the logit (pre-softmax score); for a similarity target
+    (``camlens.targets.Similarity``) it is ``cos(e(x), e(r))``, as for every gradient method.
 
     Selvaraju, Cogswell, Das, Vedantam, Parikh, Batra, "Grad-CAM: Visual Explanations from
     Deep Networks via Gradient-based Localization", ICCV 2017.
@@ -37,19 +38,22 @@ class GradCAM(CAMMethod):
 
     name = "gradcam"
     needs_gradients = True
+    score_targets = True
 
     def channel_weights(self, step: Step) -> torch.Tensor:
-        return self.target_gradients(step.activation, step.logits, step.targets).mean(dim=(-2, -1))
+        grads = self.target_gradients(step.activation, step.logits, step.targets, step.scores)
+        return grads.mean(dim=(-2, -1))
 
 
 class _Float32GradientMethod(CAMMethod):
     """Base of the gradient methods computed in float32 from ``g`` and the detached ``A``."""
 
     needs_gradients = True
+    score_targets = True
 
     def float_gradients(self, step: Step) -> tuple[torch.Tensor, torch.Tensor]:
         """``(g, A)`` in float32: (N, K, C, h, w) gradients and the (N, C, h, w) detached maps."""
-        grads = self.target_gradients(step.activation, step.logits, step.targets)
+        grads = self.target_gradients(step.activation, step.logits, step.targets, step.scores)
         return grads.float(), step.activation.detach().float()
 
     def feature_maps(self, activation: torch.Tensor) -> torch.Tensor:
@@ -215,7 +219,7 @@ class LayerCAM(_Float32GradientMethod):
         return self._layer_map(*self.float_gradients(step))
 
     def fuse_layers(self, step: Step) -> torch.Tensor:
-        grads = self.target_gradients(step.activations, step.logits, step.targets)
+        grads = self.target_gradients(step.activations, step.logits, step.targets, step.scores)
         maps = [
             self._layer_map(g.float(), a.detach().float())
             for g, a in zip(grads, step.activations, strict=True)

@@ -21,6 +21,7 @@ from camlens.errors import ConfigError
 from camlens.hooks import ForwardHook, get_layer
 from camlens.methods.base import CAMMethod, LayerSpec, Step
 from camlens.models.outputs import select_logits
+from camlens.tokens import Layout, ReshapeLayout
 
 
 class PerturbationMethod(CAMMethod):
@@ -32,6 +33,8 @@ class PerturbationMethod(CAMMethod):
         max_channels: per image, perturb only the channels with the highest spatial mean
             activation (None: all channels).
     """
+
+    score_targets = True
 
     def __init__(
         self,
@@ -82,6 +85,15 @@ class PerturbationMethod(CAMMethod):
         """The model's float32 logits for a chunk of perturbed inputs."""
         return select_logits(self.module(inputs), self.output).float()
 
+    def target_scores(
+        self, inputs: torch.Tensor, targets: torch.Tensor, step: Step
+    ) -> torch.Tensor:
+        """(B, K) float32 scores of a chunk of perturbed inputs: the targets' logits, or for
+        a similarity target (``step.similarity``) ``cos(e(inputs), e(reference))``."""
+        if step.similarity is None:
+            return self.scores(inputs).gather(1, targets)
+        return self.similarity_of(inputs, step.similarity)
+
 
 class ScoreCAM(PerturbationMethod):
     """Score-CAM: each channel, used as a mask on the input, is weighted by the class's
@@ -107,6 +119,9 @@ class ScoreCAM(PerturbationMethod):
     Cost: one forward pass per (image, channel), or per (image, kept channel) with
     ``max_channels``; all targets of an image share them.
 
+    A similarity target (``camlens.targets.Similarity``) replaces the class probability by
+    the similarity of the masked input: ``w_k = cos(e(X * H_k), e(r))``.
+
     Wang, Wang, Du, Yang, Zhang, Ding, Mardziel, Hu, "Score-CAM: Score-Weighted Visual
     Explanations for Convolutional Neural Networks", CVPR Workshops 2020.
     """
@@ -123,8 +138,12 @@ class ScoreCAM(PerturbationMethod):
             weights = maps.new_zeros((*targets.shape, maps.shape[1]))
             for image, channel, inputs in self.perturbed_batches(x, images, channels):
                 masks = self._masks(maps[image, channel], x.shape[-2:]).to(x.dtype)
-                probs = self.scores(inputs.mul_(masks)).softmax(dim=1)
-                weights[image, :, channel] = probs.gather(1, targets[image])
+                if step.similarity is None:
+                    probs = self.scores(inputs.mul_(masks)).softmax(dim=1)
+                    weights[image, :, channel] = probs.gather(1, targets[image])
+                else:  # the similarity of the masked input is the weight
+                    masked = inputs.mul_(masks)
+                    weights[image, :, channel] = self.similarity_of(masked, step.similarity)
             return self.combine(weights, maps)
 
     @staticmethod
@@ -150,7 +169,8 @@ class AblationCAM(PerturbationMethod):
     division is skipped (``w = -y_c^(k)``; a per-class factor that does not change the
     normalised map). pytorch-grad-cam instead replaces the channel by ``min(A) - 1e7`` when
     the layer's minimum is not 0 (signed activations such as Swish); camlens zeroes, as the
-    paper does. y_c is the logit.
+    paper does. y_c is the logit; for a similarity target (``camlens.targets.Similarity``) it
+    is the similarity ``cos(e(X), e(r))``, and ``y_c^(k)`` that of the ablated forward pass.
 
     Desai, Ramaswamy, "Ablation-CAM: Visual Explanations for Deep Convolutional Network via
     Gradient-free Localization", WACV 2020.
@@ -161,9 +181,10 @@ class AblationCAM(PerturbationMethod):
     def compute_raw(self, step: Step) -> torch.Tensor:
         x, activation, targets = step.x, step.activation, step.targets
         call = self.head.call if self.head.call >= 0 else self.layer_calls - 1
-        ablation = _ChannelAblation(get_layer(self.module, self.head.feature_layer), call)
+        layer = get_layer(self.module, self.head.feature_layer)
+        ablation = _ChannelAblation(layer, call, self.head.layout)
         with torch.inference_mode(), ablation:
-            base = step.logits.float().gather(1, targets)
+            base = step.logits.float().gather(1, targets) if step.scores is None else step.scores
             images, channels = self.selected_pairs(activation)
             weights = base.new_zeros((*targets.shape, activation.shape[1]))
             keep = activation.new_ones(
@@ -173,7 +194,7 @@ class AblationCAM(PerturbationMethod):
                 mask = keep[: len(image)].fill_(1)
                 mask[torch.arange(len(image), device=mask.device), channel] = 0
                 ablation.arm(mask)
-                dropped = self.scores(inputs).gather(1, targets[image])
+                dropped = self.target_scores(inputs, targets[image], step)
                 weights[image, :, channel] = base[image] - dropped
             scale = torch.where(base != 0, base, torch.ones_like(base))
             return self.combine(weights / scale[..., None], activation.float())
@@ -183,12 +204,16 @@ class _ChannelAblation(ForwardHook):
     """Forward hook that multiplies one call's output of ``layer`` by a (B, C, 1, 1) mask.
 
     ``arm(mask)`` before each forward pass sets the mask and restarts the call count; the hook
-    is attached on entry and removed on exit (``ForwardHook``).
+    is attached on entry and removed on exit (``ForwardHook``). With a ``layout`` (tokens or
+    channels-last maps, ``camlens.tokens``), the mask multiplies the layer's (N, C, h, w) maps.
     """
 
-    def __init__(self, layer: nn.Module, call: int) -> None:
+    def __init__(
+        self, layer: nn.Module, call: int, layout: Layout | ReshapeLayout | None = None
+    ) -> None:
         super().__init__(layer)
         self.call = call
+        self.layout = layout
         self.mask: torch.Tensor | None = None
         self.calls = 0
 
@@ -199,4 +224,9 @@ class _ChannelAblation(ForwardHook):
     def _hook(self, module: nn.Module, inputs: object, output: torch.Tensor) -> torch.Tensor:
         index = self.calls
         self.calls += 1
-        return output * self.mask.to(output.dtype) if index == self.call else output
+        if index != self.call:
+            return output
+        if self.layout is None:
+            return output * self.mask.to(output.dtype)
+        maps = self.layout.to_maps(output)
+        return self.layout.from_maps(maps * self.mask.to(maps.dtype), output)

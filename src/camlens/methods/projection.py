@@ -42,6 +42,7 @@ class EigenCAM(CAMMethod):
     """
 
     name = "eigencam"
+    score_targets = True
 
     def __init__(
         self, module: nn.Module, layer: LayerSpec = None, *, center: bool = False, **options: Any
@@ -92,6 +93,7 @@ class EigenGradCAM(CAMMethod):
     """
 
     name = "eigengradcam"
+    score_targets = True
     needs_gradients = True
 
     def __init__(
@@ -101,7 +103,8 @@ class EigenGradCAM(CAMMethod):
         self.center = center
 
     def compute_raw(self, step: Step) -> torch.Tensor:
-        grads = self.target_gradients(step.activation, step.logits, step.targets).float()
+        grads = self.target_gradients(step.activation, step.logits, step.targets, step.scores)
+        grads = grads.float()
         products = grads * step.activation.detach().float()[:, None]  # (N, K, C, h, w)
         n, k, c, h, w = products.shape
         flat = products.reshape(n * k, c, h, w)
@@ -142,6 +145,7 @@ class KPCACAM(CAMMethod):
     """
 
     name = "kpcacam"
+    score_targets = True
 
     def __init__(
         self,

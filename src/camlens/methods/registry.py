@@ -6,7 +6,15 @@ import inspect
 from collections.abc import Mapping
 from typing import Any
 
+from torch import nn
+
 from camlens.errors import ConfigError
+from camlens.methods.attention import (
+    AttentionMethod,
+    AttentionRollout,
+    GradientRollout,
+    has_attention,
+)
 from camlens.methods.base import CAMMethod
 from camlens.methods.baseline import RandomCAM
 from camlens.methods.cam import CAM
@@ -46,11 +54,34 @@ METHODS: dict[str, type[CAMMethod]] = {
         GuidedBackprop,
         GuidedGradCAM,
         FullGrad,
+        AttentionRollout,
+        GradientRollout,
         RandomCAM,
     )
 }
 
-ALIASES: dict[str, str] = {"gradcampp": "gradcam++", "gradcamplusplus": "gradcam++"}
+ALIASES: dict[str, str] = {
+    "gradcampp": "gradcam++",
+    "gradcamplusplus": "gradcam++",
+    "attentionrollout": "rollout",
+    "gradientrollout": "gradrollout",
+}
+
+
+def methods_for(module: nn.Module) -> list[str]:
+    """The registered methods that can explain ``module``: all of them, but the attention
+    methods (``rollout``, ``gradrollout``) only for a model with self-attention layers. For
+    "every method" choices (a comparison of all methods) that must not fail on a CNN.
+
+    Example:
+        >>> from torch import nn
+        >>> "rollout" in methods_for(nn.Sequential(nn.Conv2d(3, 4, 3)))
+        False
+    """
+    attention = has_attention(module)
+    return [
+        name for name, cls in METHODS.items() if attention or not issubclass(cls, AttentionMethod)
+    ]
 
 
 def get_method(name: str) -> type[CAMMethod]:
@@ -76,13 +107,15 @@ def make_method(
     ``smooth``, ``seed``...); an option the method does not take is a ``ConfigError``.
     """
     cls = check_method(method, options)
-    return cls(
+    instance = cls(
         classifier.module,
         layer=layer or classifier.layer,
         output=classifier.output,
         labels=classifier.labels,
         **options,
     )
+    instance.preprocess = classifier.preprocess  # for a Similarity target's reference image
+    return instance
 
 
 def check_method(method: str, options: Mapping[str, Any] | None = None) -> type[CAMMethod]:

@@ -36,6 +36,7 @@ class FEM(CAMMethod):
     """
 
     name = "fem"
+    score_targets = True
 
     def __init__(
         self, module: nn.Module, layer: LayerSpec = None, *, k: float = 2.0, **options: Any

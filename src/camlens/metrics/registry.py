@@ -95,7 +95,7 @@ class MetricSettings:
 
     metrics: list[str]
     batch_size: int = 16
-    steps: int = 100
+    steps: int = faith.DEFAULT_STEPS
     deletion_baseline: str = "zero"
     insertion_baseline: str = "blur"
     score: str = "prob"

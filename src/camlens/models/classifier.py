@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from camlens.errors import ConfigError
 from camlens.io import load_image, resized_pixels
 from camlens.models.outputs import OutputSpec
 
@@ -18,6 +19,52 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 ImageLike = str | os.PathLike | Image.Image
+
+#: The probability a multi-label class needs to count as present (``--threshold-prob``).
+DEFAULT_THRESHOLD_PROB = 0.5
+
+
+def class_probabilities(logits: torch.Tensor, multilabel: bool = False) -> torch.Tensor:
+    """(N, classes) probabilities of logits: softmax over the classes (one class per image),
+    or, for a multi-label model, an independent sigmoid per class.
+
+    The one place camlens turns logits into probabilities for predictions and for the
+    probability-based metrics.
+
+    Parameters:
+        logits: (N, classes) scores.
+        multilabel: sigmoid per class instead of softmax over the classes.
+
+    Returns:
+        float32 (N, classes), on the logits' device.
+
+    Example:
+        >>> class_probabilities(torch.tensor([[0.0, 0.0]]))
+        tensor([[0.5000, 0.5000]])
+        >>> class_probabilities(torch.tensor([[0.0, 2.0]]), multilabel=True)
+        tensor([[0.5000, 0.8808]])
+    """
+    logits = logits.float()
+    return logits.sigmoid() if multilabel else logits.softmax(dim=1)
+
+
+def check_threshold_prob(value: float) -> float:
+    """``value`` when it is a usable multi-label threshold (strictly between 0 and 1).
+
+    Raises:
+        ConfigError: a threshold outside (0, 1).
+
+    Example:
+        >>> check_threshold_prob(0.3)
+        0.3
+    """
+    if not 0.0 < float(value) < 1.0:
+        raise ConfigError(
+            f"the probability threshold must lie strictly between 0 and 1, got {value}; "
+            "a multi-label class counts as present when its sigmoid probability reaches it "
+            "(default 0.5)"
+        )
+    return float(value)
 
 
 @dataclass
@@ -32,6 +79,12 @@ class Classifier:
         name: the spec it was loaded from.
         output: how to select the logits from the module's output (see ``select_logits``).
         layer: default feature layer for the methods (None: found automatically).
+        multilabel: the classes are independent (sigmoid outputs, e.g. CheXNet's 14
+            findings): probabilities are per-class sigmoids, predictions are every class whose
+            probability is at least ``threshold_prob``, and the target ``"positive"``
+            explains each of them. False: one class per image (softmax).
+        threshold_prob: a multi-label class is predicted when its sigmoid probability is at
+            least this (default 0.5).
     """
 
     module: nn.Module
@@ -43,6 +96,20 @@ class Classifier:
     output: OutputSpec = None
     layer: str | None = None
     info: dict = field(default_factory=dict)
+    multilabel: bool = False
+    threshold_prob: float = DEFAULT_THRESHOLD_PROB
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """(N, classes) probabilities of this model's logits: sigmoid when ``multilabel``,
+        else softmax (see :func:`class_probabilities`).
+
+        Example:
+            >>> from torch import nn
+            >>> model = Classifier(nn.Identity(), ["a", "b"], multilabel=True)
+            >>> model.probabilities(torch.tensor([[0.0, 2.0]]))
+            tensor([[0.5000, 0.8808]])
+        """
+        return class_probabilities(logits, self.multilabel)
 
     @property
     def device(self) -> torch.device:

@@ -29,8 +29,13 @@ from camlens.models.checkpoints import (
     load_weights,
     read_state_dict,
 )
-from camlens.models.classifier import Classifier
+from camlens.models.classifier import Classifier, check_threshold_prob
 from camlens.models.devices import check_device
+from camlens.models.huggingface import (
+    is_huggingface_spec,
+    load_huggingface,
+    looks_like_huggingface_folder,
+)
 from camlens.models.labels import check_label_count, read_labels
 from camlens.models.outputs import OutputSpec
 
@@ -54,6 +59,8 @@ def load_model(
     input_size: int | tuple[int, int] | None = None,
     output: OutputSpec = None,
     random_weights: bool = False,
+    multilabel: bool | None = None,
+    threshold_prob: float | None = None,
 ) -> Classifier:
     """Build a ``Classifier`` from a spec.
 
@@ -64,6 +71,10 @@ def load_model(
               ``weights`` given (nothing is downloaded; without weights it is refused unless
               ``random_weights=True``);
             - a folder written by ``camlens train`` (it holds ``config.json``);
+            - ``"hf:<folder>"``: a Hugging Face ``transformers`` image classifier saved with
+              ``save_pretrained`` (``config.json`` + ``model.safetensors``; labels from
+              ``id2label``, preprocessing from ``preprocessor_config.json``; see
+              ``camlens.models.huggingface``; needs ``pip install 'camlens[hf]'``);
             - a model file: TorchScript (``torch.jit.save``), or a whole module saved with
               ``torch.save(model)``, which needs ``trust_model=True``;
             - an ``nn.Module`` (wrapped with ImageNet normalisation) or a ``Classifier``.
@@ -81,9 +92,17 @@ def load_model(
         input_size: the size ``preprocess`` resizes to, as ``S`` or ``(H, W)``.
         output: how to select the logits when the module returns a tuple or dict.
         random_weights: allow a network with random weights: a torchvision or timm
-            architecture without ``weights``, or the built-in model with another
+            architecture without ``weights``, an ``hf:`` folder without weights, or the
+            built-in model with another
             ``num_classes`` and no weights. Its predictions and maps mean nothing; for tests
             and sanity checks only (command line: ``--random-weights``).
+        multilabel: the model's classes are independent (sigmoid outputs): probabilities are
+            per-class sigmoids, predictions every class at or above ``threshold_prob``, and
+            the target ``"positive"`` explains each of them (command line: ``--multilabel``).
+            Default: what a ``camlens train`` folder records (trained with ``--multilabel``),
+            else False (softmax).
+        threshold_prob: the sigmoid probability a multi-label class needs to be predicted
+            (default 0.5; command line: ``--threshold-prob``).
 
     Returns:
         A ``Classifier`` with ``.module`` in eval mode, ``.preprocess`` and ``.labels``.
@@ -113,6 +132,8 @@ def load_model(
         >>> model.module is my_cnn, my_cnn.training  # your module, as it was (methods switch
         ...                                          # it to eval mode for each call only)
         (True, True)
+        >>> load_model(my_cnn, multilabel=True).probabilities(torch.zeros(1, 2))  # sigmoid
+        tensor([[0.5000, 0.5000]])
         >>> load_model("runs/shapes").labels  # a folder written by camlens train
         ['circle', 'square', 'triangle']
         >>> untrained = load_model("torchvision:resnet18", random_weights=True)  # a baseline
@@ -131,6 +152,10 @@ def load_model(
         classifier.input_size = size
     if output is not None:
         classifier.output = output
+    if multilabel is not None:
+        classifier.multilabel = bool(multilabel)
+    if threshold_prob is not None:
+        classifier.threshold_prob = check_threshold_prob(threshold_prob)
     if device is not None:
         classifier.module.to(check_device(device))
     if not classifier.labels:
@@ -147,6 +172,14 @@ def _build(
     trust_model: bool,
     random_weights: bool,
 ) -> Classifier:
+    if isinstance(spec, str) and is_huggingface_spec(spec.strip()):
+        if weights is not None or num_classes is not None:
+            raise ConfigError(
+                f"{spec} is a Hugging Face model folder with its own weights and classes; "
+                "weights= and num_classes= (--weights) do not apply to it: save the model you "
+                "want with model.save_pretrained(FOLDER) and pass hf:FOLDER"
+            )
+        return load_huggingface(spec.strip(), random_weights=random_weights)
     if isinstance(spec, (str, os.PathLike)) and _is_saved_model(spec):
         if weights is not None or num_classes is not None:
             raise ConfigError(
@@ -199,8 +232,9 @@ def _from_name(
     raise ConfigError(
         f"unknown model {text!r}: not a built-in name, not torchvision:<name> or "
         f"timm:<name>, and no such file or folder. Available: "
-        f"{', '.join(available_models())}, a folder written by `camlens train`, a "
-        "TorchScript file (or an nn.Module in Python)"
+        f"{', '.join(available_models())}, a folder written by `camlens train`, "
+        "hf:<folder> (a Hugging Face model saved with save_pretrained), a TorchScript file "
+        "(or an nn.Module in Python)"
     )
 
 
@@ -280,5 +314,11 @@ def _from_folder(path: Path) -> Classifier:
             "Accepted: a folder written by `camlens train`; a TorchScript file; or an "
             "architecture with a weights file, e.g. --model torchvision:resnet18 "
             "--weights model.safetensors"
+        )
+    if looks_like_huggingface_folder(path):
+        raise ConfigError(
+            f"{path} holds a Hugging Face transformers model (its config.json has a "
+            f"model_type), not a folder written by `camlens train`; load it with "
+            f"--model hf:{path} (Python: load_model('hf:{path}'))"
         )
     return trained.load_trained(path)

@@ -211,8 +211,9 @@ def load_trained(path: str | Path, *, device: str | torch.device | None = None) 
         device: where to put the model (default: CPU).
 
     Returns:
-        A ``Classifier`` in eval mode, with the trained labels, input size and normalisation.
-        Its head is GAP + linear, so CAM is exact for it.
+        A ``Classifier`` in eval mode, with the trained labels, input size and normalisation,
+        multi-label when the folder was trained with ``--multilabel`` (its config's
+        ``"multilabel": true``). Its head is GAP + linear, so CAM is exact for it.
 
     Raises:
         ConfigError: a missing or malformed file, or weights that do not fit the architecture.
@@ -256,6 +257,7 @@ def load_trained(path: str | Path, *, device: str | torch.device | None = None) 
         std=tuple(config["std"]),
         name=str(folder),
         info={"config": config},
+        multilabel=bool(config.get("multilabel", False)),
     )
 
 

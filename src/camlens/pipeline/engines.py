@@ -28,7 +28,7 @@ import numpy as np
 
 from camlens.batching import chunks
 from camlens.errors import ConfigError
-from camlens.models import Classifier
+from camlens.models import DEFAULT_THRESHOLD_PROB, Classifier
 from camlens.pipeline.folder import OutputFolder
 from camlens.pipeline.options import RunOptions
 from camlens.pipeline.task import Item, Task, Worker
@@ -142,7 +142,15 @@ def model_for_actors(classifier: Classifier) -> Classifier | str:
     """What to send to Ray actors: the model's folder when they can rebuild the model from it
     (a model written by ``camlens train``: a few files they read themselves), else the
     ``Classifier`` itself (pickled once per actor)."""
-    loadable = os.path.isdir(classifier.name) and classifier.info.get("config") is not None
+    config = classifier.info.get("config")
+    loadable = (
+        os.path.isdir(classifier.name)
+        and isinstance(config, dict)
+        # the folder gives the actors the same kind of model (multilabel, threshold), unless
+        # the caller changed them after loading
+        and classifier.multilabel == bool(config.get("multilabel", False))
+        and classifier.threshold_prob == DEFAULT_THRESHOLD_PROB
+    )
     return classifier.name if loadable else classifier
 
 

@@ -28,6 +28,7 @@ import os
 import secrets
 import shutil
 import socket
+import threading
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -37,6 +38,9 @@ import numpy as np
 
 from camlens.errors import PYTHON_SPELLING, ConfigError
 from camlens.writers import atomic_path, write_json
+
+#: Serialises manifest updates (``OutputFolder.path``) of the threads that write outputs.
+_MANIFEST_LOCK = threading.Lock()
 
 __all__ = [
     "STATE_DIR",
@@ -218,12 +222,17 @@ class OutputFolder:
     def path(self, relative: str) -> Path:
         """Record ``relative`` (and any folder it needs) in the manifest; return its path.
 
-        Write the file right after, with the atomic writers of ``camlens.writers``.
+        Write the file right after, with the atomic writers of ``camlens.writers``. Safe to
+        call from several threads.
 
         Raises:
             ConfigError: in a fresh run, a file is already there that camlens did not write in
                 this run (your file, or an older camlens' output): it is never replaced.
         """
+        with _MANIFEST_LOCK:  # tasks write their files from several threads
+            return self._reserve(relative)
+
+    def _reserve(self, relative: str) -> Path:
         target = self.root / relative
         if self._fresh and target.exists() and relative != RUN_FILE:
             raise ConfigError(

@@ -35,7 +35,7 @@ from camlens.render import overlay, save_figure
 from camlens.report.html import render_template
 from camlens.writers import safe_name, write_png, write_text
 
-__all__ = ["REPORT_FILE", "worst_localized", "write_evaluation_report"]
+__all__ = ["REPORT_FILE", "curve_steps_note", "worst_localized", "write_evaluation_report"]
 
 TEMPLATE_NAME = "evaluate.html.j2"
 #: The report's page in the output folder.
@@ -253,6 +253,32 @@ def _sanity_figure(sanity: Mapping[str, Sequence[Mapping[str, Any]]]) -> Figure:
     return figure
 
 
+def curve_steps_note(result: Mapping[str, Any]) -> str | None:
+    """``"deletion/insertion: N steps (N + 1 points per curve)"``, N read from the stored
+    mean curves (the steps the run used), or from ``settings.steps`` when no curve is
+    stored; ``None`` when neither deletion nor insertion was measured.
+
+    Example:
+        >>> curve_steps_note({"curves": {"cam": {"deletion": [1.0, 0.5, 0.0]}}})
+        'deletion/insertion: 2 steps (3 points per curve)'
+    """
+    lengths = {
+        len(series[key])
+        for series in result.get("curves", {}).values()
+        for key in ("deletion", "insertion")
+        if series.get(key)
+    }
+    if lengths:
+        steps = max(lengths) - 1
+    elif any(key in result.get("metrics", ()) for key in ("deletion_auc", "insertion_auc")):
+        steps = result.get("settings", {}).get("steps")
+        if steps is None:
+            return None
+    else:
+        return None
+    return f"deletion/insertion: {steps} steps ({steps + 1} points per curve)"
+
+
 def _save(folder: OutputFolder, relative: str, figure: Figure, caption: str) -> dict[str, str]:
     save_figure(figure, folder.path(relative))
     return {"src": relative, "caption": caption}
@@ -382,6 +408,7 @@ def _render(
     }
     return render_template(
         TEMPLATE_NAME,
+        curve_note=curve_steps_note(result),
         title=title,
         subtitle=f"model {result.get('model', '?')} · annotations {result.get('annotations', '?')}",
         summary=summary,

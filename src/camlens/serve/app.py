@@ -35,7 +35,7 @@ import camlens
 from camlens.errors import ConfigError
 from camlens.io import DEFAULT_MAX_PIXELS, ImageLoadError
 from camlens.io.samples import SAMPLES
-from camlens.methods import METHODS, get_method
+from camlens.methods import METHODS, get_method, methods_for
 from camlens.models import Classifier
 from camlens.render import colormap_table
 from camlens.serve import schemas
@@ -233,7 +233,7 @@ def create_app(
         return {
             "models": store.names,
             "default_model": store.default,
-            "methods": list(METHODS),
+            "methods": methods_for(store.get(None, public=True).module),
             "default_method": default_method,
             "colormaps": list(PAGE_COLORMAPS),
             "samples": list(SAMPLES),

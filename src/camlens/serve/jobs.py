@@ -146,6 +146,8 @@ def run_request(
         classifier.labels,
         images=[image],
         sizes=[tuple(image.info.get("original_size", image.size))],
+        multilabel=classifier.multilabel,
+        threshold_prob=classifier.threshold_prob,
     )
     payload = explanation_payload(
         explanation, request.model, colormap=request.colormap, alpha=request.alpha
@@ -167,7 +169,8 @@ def explanation_payload(
     Returns:
         ``model``, ``method``, ``layer``, ``identity_error``, ``size`` (original [w, h]),
         ``display`` (``size`` and the photo as a PNG data URL at that size), ``colormap``,
-        ``alpha``, ``predictions`` (top 5: ``class``, ``label``, ``prob``) and ``maps`` (per
+        ``alpha``, ``predictions`` (top 5, or every class at or above the threshold for a
+        multi-label model: ``class``, ``label``, ``prob``) and ``maps`` (per
         explained class: ``class``, ``label``, ``score`` (logit), ``prob``, ``box``
         [x0, y0, x1, y1] in original pixels or null, ``display_box`` the same at display
         size, ``overlay`` and ``heatmap`` PNG data URLs at display size).
@@ -177,7 +180,6 @@ def explanation_payload(
     boxes = explanation.boxes(BOX_THRESHOLD, original=True)[0]
     display_boxes = shown.boxes(BOX_THRESHOLD, original=True)[0]
     probs = explanation.probs[0]
-    top = probs.topk(min(5, probs.numel()))
     maps = []
     for k, class_id in enumerate(explanation.targets[0].tolist()):
         heat = shown.heatmap(0, k, original=True)
@@ -204,10 +206,7 @@ def explanation_payload(
         "display": {"size": list(photo.size), "image": png_data_url(photo)},
         "colormap": colormap,
         "alpha": alpha,
-        "predictions": [
-            {"class": int(c), "label": explanation.label(int(c)), "prob": round(float(p), 6)}
-            for p, c in zip(top.values, top.indices, strict=True)
-        ],
+        "predictions": explanation.predictions(0),
         "maps": maps,
     }
 

@@ -60,7 +60,10 @@ class ExplainResponse(BaseModel):
 class ModelsResponse(BaseModel):
     models: list[str]
     default_model: str
-    methods: list[str]
+    methods: list[str] = Field(
+        description="The methods that can explain the default model (the attention methods "
+        "only for a transformer)."
+    )
     default_method: str
     colormaps: list[str]
     samples: list[str]

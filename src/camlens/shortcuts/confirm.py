@@ -263,14 +263,15 @@ def predict_probs(
     classifier: Classifier, images: torch.Tensor, batch_size: int = 64
 ) -> torch.Tensor:
     """Class probabilities (N, classes) for uint8 images (N, 3, H, W) at the input size,
-    normalised as ``Classifier.preprocess`` normalises them (``Classifier.normalize``).
+    normalised as ``Classifier.preprocess`` normalises them (``Classifier.normalize``):
+    softmax, or per-class sigmoids for a multi-label model (``Classifier.probabilities``).
     """
     results = []
     with preserved_state(classifier.module), torch.inference_mode():
         for start in range(0, len(images), batch_size):
             x = classifier.normalize(images[start : start + batch_size])
             logits = select_logits(classifier.module(x), classifier.output)
-            results.append(logits.float().softmax(dim=1).cpu())
+            results.append(classifier.probabilities(logits).cpu())
     return torch.cat(results) if results else torch.zeros((0, len(classifier.labels)))
 
 

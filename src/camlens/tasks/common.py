@@ -68,7 +68,12 @@ def worker_model(model: Classifier | str, device: str | None = None) -> Classifi
 def model_settings(model: Classifier | str) -> dict[str, Any]:
     """The model's part of a task's settings (what a resume must find again): the loaded
     model's fingerprint (``model_fingerprint``), or the spec a worker loads it from."""
-    return model_fingerprint(model) if isinstance(model, Classifier) else {"model": model}
+    if not isinstance(model, Classifier):
+        return {"model": model}
+    settings = model_fingerprint(model)
+    if model.multilabel:  # the predictions and "positive" targets depend on them
+        settings.update(multilabel=True, threshold_prob=model.threshold_prob)
+    return settings
 
 
 def output_stem(index: int, source: str) -> str:

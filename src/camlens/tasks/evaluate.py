@@ -46,13 +46,21 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
 
 from camlens.defaults import DEFAULT_MAX_PIXELS
 from camlens.errors import ConfigError
 from camlens.io import ImageLoadError, load_image
 from camlens.io.annotations import Annotation, load_annotations
 from camlens.localize import normalize_maps
-from camlens.methods import METHODS, CAMMethod, get_method, make_method, options_for
+from camlens.methods import (
+    METHODS,
+    CAMMethod,
+    get_method,
+    make_method,
+    methods_for,
+    options_for,
+)
 from camlens.metrics.faithfulness import auc
 from camlens.metrics.registry import (
     MEASUREMENTS,
@@ -459,7 +467,7 @@ def build_methods(
     options = dict(options or {})
     used: set[str] = set()
     instances = []
-    for item in distinct_methods(methods):
+    for item in distinct_methods(methods, classifier.module):
         if isinstance(item, CAMMethod):
             instances.append(item)
             continue
@@ -475,9 +483,12 @@ def build_methods(
     return instances
 
 
-def distinct_methods(methods: Sequence[str | CAMMethod] | str) -> list[str | CAMMethod]:
+def distinct_methods(
+    methods: Sequence[str | CAMMethod] | str, module: nn.Module | None = None
+) -> list[str | CAMMethod]:
     """The distinct methods of ``methods`` (names, instances, a comma-separated string or
-    ``"all"``) in order: canonical names, or the instances.
+    ``"all"``: every registered method, or with ``module`` every one that can explain it,
+    ``camlens.methods.methods_for``) in order: canonical names, or the instances.
 
     Example:
         >>> distinct_methods("cam, Grad-CAM,cam")
@@ -487,7 +498,7 @@ def distinct_methods(methods: Sequence[str | CAMMethod] | str) -> list[str | CAM
     items = [n.strip() if isinstance(n, str) else n for n in items]
     items = [n for n in items if not isinstance(n, str) or n]
     if items == ["all"]:
-        items = list(METHODS)
+        items = list(METHODS) if module is None else methods_for(module)
     if not items:
         raise ConfigError("no method selected")
     chosen: dict[str, str | CAMMethod] = {}

@@ -9,10 +9,14 @@ gallery (``index.html``) is drawn from the records by ``camlens.report.gallery``
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -23,11 +27,14 @@ from camlens.methods import make_method
 from camlens.models import Classifier
 from camlens.pipeline import Item, OutputFolder, model_for_actors
 from camlens.render import colorize, gradient_picture, save_figure, topk_figure
-from camlens.targets import Target, check_target, describe_target
+from camlens.targets import NOT_A_CLASS, Target, bind_target, check_target, describe_target
 from camlens.tasks.common import Loaded, load_input, model_settings, output_stem, worker_model
 from camlens.writers import write_npz, write_png
 
-__all__ = ["ExplainTask", "Style", "error_record", "write_image_outputs"]
+__all__ = ["ExplainTask", "Style", "error_record", "output_threads", "write_image_outputs"]
+
+#: Figures are drawn by one thread at a time (matplotlib is not thread-safe).
+_MATPLOTLIB = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -124,6 +131,11 @@ class _ExplainWorker:
         self.classifier = worker_model(task.model)
         self.method = make_method(self.classifier, task.method, task.layer, **task.method_options)
         check_target(task.target, self.classifier.labels)
+        self.target = bind_target(
+            task.target,
+            multilabel=self.classifier.multilabel,
+            threshold_prob=self.classifier.threshold_prob,
+        )
 
     def load(self, item: Item) -> Loaded:
         index, source = item
@@ -143,26 +155,48 @@ class _ExplainWorker:
         if good:
             x = torch.cat([item.tensor for item in good])
             explanation = Explanation.from_result(
-                self.method.run(x, self.task.target),
+                self.method.run(x, self.target),
                 self.method.name,
                 tuple(x.shape[-2:]),
                 self.classifier.labels,
                 images=[item.image for item in good],
                 sources=[item.source for item in good],
                 sizes=[item.size for item in good],
+                multilabel=self.classifier.multilabel,
+                threshold_prob=self.classifier.threshold_prob,
             )
             pictures = getattr(self.method, "picture_gradients", lambda: None)()
-            for i, item in enumerate(good):
-                records[item.index] = write_image_outputs(
+            # Torch work stays in this thread (its own thread pool); the writers get arrays.
+            heats = [explanation.display_maps(i) for i in range(len(good))]
+
+            def write(i: int) -> dict[str, Any]:
+                return write_image_outputs(
                     explanation,
                     i,
-                    output_stem(item.index, item.source),
+                    output_stem(good[i].index, good[i].source),
                     self.folder,
                     self.task.style,
                     figures=self.task.figures,
                     guided=None if pictures is None else pictures[i],
+                    heat=heats[i],
                 )
+
+            # Colour mapping, PNG and npz encoding release the GIL: the batch's images are
+            # written in parallel (the records wait for all their files).
+            threads = output_threads(len(good))
+            if threads == 1:
+                written = [write(i) for i in range(len(good))]
+            else:
+                with ThreadPoolExecutor(threads) as pool:
+                    written = list(pool.map(write, range(len(good))))
+            for item, record in zip(good, written, strict=True):
+                records[item.index] = record
         return [records[index] for index, _ in batch]
+
+
+def output_threads(n_images: int) -> int:
+    """Threads that write a batch's outputs: one per core (at most 4), at most one per image."""
+    return max(1, min(n_images, 4, len(os.sched_getaffinity(0))))
 
 
 def write_image_outputs(
@@ -174,12 +208,14 @@ def write_image_outputs(
     *,
     figures: bool = False,
     guided: torch.Tensor | None = None,
+    heat: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Write image ``i``'s overlays, raw maps (and figure) into ``folder``; return its record.
 
     ``guided`` (K, C, H, W): the input gradients of the guided methods (``guidedbackprop``,
     ``guidedgradcam``), written per class as ``guided/<stem>_c<class>.png`` beside the
-    overlay, at the overlay's size (the record's map gets ``"guided"``).
+    overlay, at the overlay's size (the record's map gets ``"guided"``). ``heat``: the maps at
+    the overlay's size (``explanation.display_maps(i)``), when the caller has them.
 
     Example:
         >>> import camlens
@@ -194,19 +230,17 @@ def write_image_outputs(
         ('Egyptian cat', [0, 0, 415, 300])
     """
     probs = explanation.probs[i]
-    top = probs.topk(min(5, probs.numel()))
-    predictions = [
-        {"class": int(c), "label": explanation.label(int(c)), "prob": round(float(p), 6)}
-        for p, c in zip(top.values, top.indices, strict=True)
-    ]
+    predictions = explanation.predictions(i)
     boxes = explanation.image_boxes(i, style.threshold, original=True)
     overlays = explanation.image_overlays(
-        i, colormap=style.colormap, alpha=style.alpha, threshold=style.threshold
+        i, colormap=style.colormap, alpha=style.alpha, threshold=style.threshold, heat=heat
     )
     maps = []
-    for k, (class_id, image) in enumerate(
-        zip(explanation.targets[i].tolist(), overlays, strict=True)
-    ):
+    for k in explanation.explained(i):  # not the repeats that pad "positive" targets
+        class_id, image = int(explanation.targets[i, k]), overlays[k]
+        if class_id == NOT_A_CLASS:  # a similarity target: its own label and score
+            maps.append(_target_map(explanation, i, k, stem, folder, image, boxes[k]))
+            continue
         relative = f"overlays/{stem}_c{class_id}.png"
         write_png(folder.path(relative), image)
         entry = {
@@ -217,6 +251,8 @@ def write_image_outputs(
             "overlay": relative,
             "box": list(boxes[k]) if boxes[k] is not None else None,
         }
+        if explanation.multilabel:  # False: no class reached the threshold (top-1 explained)
+            entry["positive"] = bool(probs[class_id] >= explanation.threshold_prob)
         if guided is not None:
             entry["guided"] = f"guided/{stem}_c{class_id}.png"
             picture = gradient_picture(guided[k].float().numpy(), size=image.size)
@@ -243,7 +279,8 @@ def write_image_outputs(
         "identity_error": explanation.identity_error,
     }
     if figures:
-        record["figure"] = _write_figure(explanation, i, overlays, maps, stem, folder)
+        shown = [overlays[k] for k in explanation.explained(i)]
+        record["figure"] = _write_figure(explanation, i, shown, maps, stem, folder)
     return record
 
 
@@ -255,11 +292,45 @@ def _write_figure(
     stem: str,
     folder: OutputFolder,
 ) -> str:
-    titles = [f"{m['label']}\np={m['prob']:.2f}" for m in maps]
-    figure = topk_figure(explanation.display_image(i), overlays, titles)
+    titles = [
+        f"{m['label']}\np={m['prob']:.2f}" if m["prob"] is not None else _target_title(m)
+        for m in maps
+    ]
     relative = f"figures/{stem}.png"
-    save_figure(figure, folder.path(relative))
+    with _MATPLOTLIB:  # matplotlib is not thread-safe
+        figure = topk_figure(explanation.display_image(i), overlays, titles)
+        save_figure(figure, folder.path(relative))
     return relative
+
+
+def _target_map(
+    explanation: Explanation,
+    i: int,
+    k: int,
+    stem: str,
+    folder: OutputFolder,
+    image: Image.Image,
+    box: Any,
+) -> dict[str, Any]:
+    """Write the overlay of image ``i``'s target ``k`` that is not a class (a similarity:
+    ``overlays/<stem>_similar<k>.png``) and return its map entry: ``class`` null, ``label``
+    the target's (``"similar:ref.png"``), ``score`` its score (the cosine similarity),
+    ``prob`` null."""
+    relative = f"overlays/{stem}_similar{k}.png"
+    write_png(folder.path(relative), image)
+    return {
+        "class": None,
+        "label": explanation.target_label(i, k),
+        "score": round(float(explanation.scores[i, k]), 6),
+        "prob": None,
+        "overlay": relative,
+        "box": list(box) if box is not None else None,
+    }
+
+
+def _target_title(entry: dict[str, Any]) -> str:
+    """A figure title for a target that is not a class: its label and score."""
+    return f"{entry['label']}\ns={entry['score']:.2f}"
 
 
 def error_record(source: str, message: str | None) -> dict[str, Any]:
