@@ -331,7 +331,6 @@ class Similarity:
         name: str | None = None,
         preprocess: Callable[[Any], torch.Tensor] | None = None,
     ) -> None:
-
         if isinstance(reference, torch.Tensor) and not (
             reference.ndim == 3 or (reference.ndim == 4 and reference.shape[0] == 1)
         ):
