@@ -1,14 +1,17 @@
 """Benchmark ``camlens audit``: does it find planted shortcuts, and what does it cost?
 
 Part 1, detection. For every seed and every planted shortcut (corner tag in each corner,
-stripe along the top and the bottom edge, token at random places) and a clean control, the
+stripe along the top and the bottom edge, and two markers at random places: the token, an
+"L", and the coin, a ring) and a clean control, the
 script generates a shapes data set (``make_shapes_dataset``), trains a ``simple`` CAM model
 on it (``train_classifier``) and audits the model (with the data set's annotations). A
 confirmed flag is a true positive when it names the shortcut's class and its box overlaps the
 planted region; every other confirmed flag is a false positive. Independently of the audit,
 an oracle pastes the *true* shortcut at its true place onto the other classes' images: when
 that flips at least half of them, the model really uses the shortcut, and missing it counts
-against recall.
+against recall. A moving marker is found when a confirmed ``moving-pattern`` flag names its
+class; its listed locations are scored against the planted marker boxes (the share of them
+that overlap the marker on their image).
 
 Part 2, cost. The time and memory of auditing 2,000 images (64 x 64 px, a model trained on a
 separate smaller set) against 500 and 4,000: the resident set size of a fresh process before
@@ -19,6 +22,10 @@ Usage::
     python benchmarks/audit_bench.py --out benchmarks/results/audit.md   # as make bench
     python benchmarks/audit_bench.py --rates 0.5/0.1 --skip-cost   # only the harder setting
     python benchmarks/audit_bench.py --seeds 0 --quick --skip-cost --rates 0.9/0   # smoke run
+    python benchmarks/audit_bench.py --cases moving --rates 0.9/0 --skip-cost \
+        --out benchmarks/results/audit_moving.md   # the moving markers and the clean controls
+    python benchmarks/audit_bench.py --cases fixed --rates 0.9/0 --skip-cost \
+        --out benchmarks/results/audit_fixed.md   # the fixed-place shortcuts only
 """
 
 from __future__ import annotations
@@ -42,9 +49,17 @@ PLACEMENTS = [
     ("stripe", "top-left"),
     ("stripe", "bottom-left"),
     ("token", "top-left"),
+    ("coin", "top-left"),
     (None, "top-left"),
 ]
 SHORTCUT_CLASS = "square"
+MOVING = ("token", "coin")
+CASES = {
+    "all": lambda kind, position: True,
+    "quick": lambda kind, position: kind in ("corner-tag", None),
+    "moving": lambda kind, position: kind in (*MOVING, None),
+    "fixed": lambda kind, position: kind in ("corner-tag", "stripe"),
+}
 
 
 @dataclass
@@ -62,13 +77,15 @@ class Run:
     audit_seconds: float
     true_positive_plain: int = 0
     false_positive_plain: int = 0
+    locations: int = 0
+    locations_on_marker: int = 0
 
 
 def planted_region(info: dict, size: int) -> tuple[list[float] | None, list[list[float]]]:
     """The shortcut's place as a fraction box (None for the token, which moves), and every
     planted box."""
     boxes = [[v / size for v in r["shortcut_box"]] for r in info["images"] if r["shortcut"]]
-    if not boxes or info["shortcut"]["kind"] == "token":
+    if not boxes or info["shortcut"]["kind"] in MOVING:
         return None, boxes
     return boxes[0], boxes
 
@@ -79,7 +96,7 @@ def overlaps(a: list[float], b: list[float]) -> bool:
 
 def oracle_flip_rate(classifier, root: Path, info: dict, kind: str, position: str) -> float:
     """Share of other-class images predicted as the shortcut class after pasting the true
-    shortcut at its true place (the token: in the top-left corner)."""
+    shortcut at its true place (the token and the coin: in the top-left corner)."""
     from camlens.data.shapes import corner_box, shortcut_patch, stripe_box, stripe_patch, tag_side
     from camlens.io.imagefolder import load_images
     from camlens.shortcuts.confirm import predict_probs
@@ -162,6 +179,7 @@ def detection_run(
 
     confirmed, true_positive, false_positive = score(result["flags"])
     _, true_positive_plain, false_positive_plain = score(plain["flags"])
+    n_locations, on_marker = location_hits(result["flags"], root / "data", info, size)
     classifier = camlens.load_model(root / "model")
     oracle = oracle_flip_rate(classifier, root / "data", info, kind, position) if kind else None
     best = confirmed[0] if confirmed else (result["flags"][0] if result["flags"] else None)
@@ -179,14 +197,38 @@ def detection_run(
         seconds,
         true_positive_plain,
         false_positive_plain,
+        n_locations,
+        on_marker,
     )
+
+
+def location_hits(flags: list[dict], root: Path, info: dict, size: int) -> tuple[int, int]:
+    """Locations listed by the confirmed moving-pattern flags of the shortcut class, and how
+    many of them overlap the marker planted on their image."""
+    planted = {
+        str((root / r["image"]).resolve()): [v / size for v in r["shortcut_box"]]
+        for r in info["images"]
+        if r["shortcut"]
+    }
+    listed = [
+        location
+        for f in flags
+        if f["confirmed"] and f["kind"] == "moving-pattern" and f["class"] == SHORTCUT_CLASS
+        for location in f["locations"]
+    ]
+    hits = 0
+    for location in listed:
+        marker = planted.get(str(Path(location["image"]).resolve()))
+        hits += marker is not None and overlaps(location["box"], marker)
+    return len(listed), hits
 
 
 def detection_table(runs: list[Run]) -> list[str]:
     lines = [
         "| shortcut | place | seed | val acc | oracle flip | confirmed (TP/FP) | candidates | "
-        "flagged box | planted box | flip / random | drop / random | audit s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "flagged box | planted box | flip / random | drop / random | locations on marker | "
+        "audit s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in runs:
         best = run.best or {}
@@ -203,6 +245,7 @@ def detection_table(runs: list[Run]) -> list[str]:
             f"| {planted if run.kind else '-'} "
             f"| {fmt(best.get('flip_rate'))} / {fmt(best.get('baseline_flip_rate'))} "
             f"| {fmt(best.get('confidence_drop'))} / {fmt(best.get('baseline_confidence_drop'))} "
+            f"| {f'{run.locations_on_marker}/{run.locations}' if run.locations else '-'} "
             f"| {run.audit_seconds:.1f} |"
         )
     return lines
@@ -213,8 +256,10 @@ def precision_recall(runs: list[Run]) -> list[str]:
     fp = sum(r.false_positive for r in runs)
     fixed = [r for r in runs if r.kind in ("corner-tag", "stripe")]
     used = [r for r in fixed if r.oracle_flip is not None and r.oracle_flip >= 0.5]
-    tokens = [r for r in runs if r.kind == "token"]
+    tokens = [r for r in runs if r.kind in MOVING]
     clean = [r for r in runs if r.kind is None]
+    listed = sum(r.locations for r in tokens)
+    on_marker = sum(r.locations_on_marker for r in tokens)
     lines = [
         f"- precision of confirmed flags: {tp}/{tp + fp}"
         + (f" = {tp / (tp + fp):.2f}" if tp + fp else " (no confirmed flag)"),
@@ -224,8 +269,11 @@ def precision_recall(runs: list[Run]) -> list[str]:
         f"- recall among those the model really uses (oracle flip >= 0.5): "
         f"{sum(r.true_positive for r in used)}/{len(used)}"
         + (f" = {sum(r.true_positive for r in used) / len(used):.2f}" if used else ""),
-        f"- tokens at random places (not a fixed place, out of the hotspot search's reach): "
-        f"{sum(r.true_positive for r in tokens)}/{len(tokens)} found, oracle flip "
+        f"- markers at random places (token, coin; found by the moving-pattern search): "
+        f"{sum(r.true_positive for r in tokens)}/{len(tokens)} found, "
+        f"{on_marker}/{listed} listed locations on the planted marker"
+        + (f" ({on_marker / listed:.0%})" if listed else "")
+        + ", oracle flip "
         + ", ".join(f"{r.oracle_flip:.2f}" for r in tokens),
         f"- clean controls: {sum(r.false_positive for r in clean)} confirmed flags in "
         f"{len(clean)} runs ({sum(r.n_candidates for r in clean)} unconfirmed candidates)",
@@ -338,6 +386,22 @@ def detection_section(
     ]
 
 
+def select_cases(cases: str) -> list[tuple[str | None, str]]:
+    """The placements named by ``--cases``."""
+    if cases in CASES:
+        return [p for p in PLACEMENTS if CASES[cases](*p)]
+    chosen = []
+    for item in cases.split(","):
+        kind, _, position = item.strip().partition("@")
+        kind_or_none = None if kind == "none" else kind
+        chosen += [
+            p for p in PLACEMENTS if p[0] == kind_or_none and (not position or p[1] == position)
+        ]
+    if not chosen:
+        raise SystemExit(f"--cases {cases!r} names no case; see --help")
+    return chosen
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", default="0,1,2", help="Comma-separated seeds.")
@@ -351,6 +415,13 @@ def main() -> None:
         "the other classes (default: 90 %% of one class; 50 %% of it and 10 %% of the others).",
     )
     parser.add_argument("--quick", action="store_true", help="Corner tags and clean only.")
+    parser.add_argument(
+        "--cases",
+        default="all",
+        help="Which planted shortcuts: all, quick (corner tags and clean), moving (token, coin "
+        "and clean), fixed (corner tags, stripes), or comma-separated kinds (corner-tag, "
+        "stripe, token, coin, none), optionally KIND@POSITION.",
+    )
     parser.add_argument("--skip-cost", action="store_true")
     parser.add_argument("--skip-detection", action="store_true")
     parser.add_argument("--cost-images", default="500,2000,4000")
@@ -359,9 +430,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
-    placements = (
-        [p for p in PLACEMENTS if p[0] in ("corner-tag", None)] if args.quick else PLACEMENTS
-    )
+    placements = select_cases("quick" if args.quick else args.cases)
     rates = [tuple(float(v) for v in item.split("/")) for item in args.rates.split(",")]
     lines = ["## camlens audit: planted shortcuts and cost", ""]
     with tempfile.TemporaryDirectory(prefix="camlens-audit-bench-") as tmp:

@@ -341,3 +341,22 @@ def test_architecture_through_load_model(architectures, spec):
     cam = camlens.explain(model, x, method="cam")
     assert cam.identity_error / float(cam.logits.abs().max()) < 1e-4
     assert torch.equal(cam.targets, result.targets)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["lraspp_mobilenet_v3_large", "fasterrcnn_mobilenet_v3_large_320_fpn", "fcn_resnet50"],
+)
+def test_torchvision_builders_with_a_pretrained_backbone_default_stay_offline(name, monkeypatch):
+    """Detection and segmentation builders default ``weights_backbone`` to ImageNet weights:
+    building one must not try to download them (here, any download raises)."""
+    import torch.hub
+
+    from camlens.models.architectures import module_builder
+
+    def no_network(url: str, *args: object, **kwargs: object) -> None:
+        raise AssertionError(f"tried to download {url}")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    module = module_builder(f"torchvision:{name}")()
+    assert sum(p.numel() for p in module.parameters()) > 1_000_000

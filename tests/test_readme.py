@@ -44,6 +44,8 @@ NOT_RUN = [
     ".venv/bin/python examples/shortcut_demo.py --out docs/images",  # redraws docs/images
     "ray start --head",  # needs a Ray cluster
     "camlens evaluate instances_val2017.json --images val2017/ --out eval_coco --metrics all",
+    "camlens explain scan.nii.gz ct_series/ --model torchvision:r3d_18 --weights r3d.safetensors "
+    "--out ct_explain",  # needs a trained 3-D model
     "camlens serve",  # runs until Ctrl-C
     "curl -F file=@demo/samples/chelsea.png -F target=top5 -F method=gradcam "
     "http://127.0.0.1:8000/api/explain",  # needs that server
@@ -53,6 +55,7 @@ NOT_RUN = [
 #: (language, pattern, replacement): the small sizes (see the module docstring).
 SMALL = [
     ("bash", r"(camlens make-dataset shapes)", r"\1 --n 60 --size 32"),
+    ("bash", r"(camlens make-dataset xray)", r"\1 --n 40 --size 64"),
     ("bash", r"(camlens train \S+[^\n#]*?) --epochs \d+", r"\1"),
     ("bash", r"(camlens train \S+)", r"\1 --epochs 1"),
     ("bash", r"(camlens evaluate \S+)", r"\1 --steps 2"),

@@ -31,3 +31,9 @@ DEFAULT_OVERLAY_SIZE = 2000
 #: overlays of the sample photos; see benchmarks/results/throughput.md): encoding at level 6
 #: took longer than the model's forward pass per image.
 PNG_COMPRESS_LEVEL = 1
+
+#: zlib strategy of those PNG files: run-length matches only (``zlib.Z_RLE``). On the same
+#: overlays it encodes 12 % faster than the default strategy and the files are 12 % smaller,
+#: 5 % smaller than level 6's (photos blended with a colour map have few long repeats for the
+#: default's string search).
+PNG_COMPRESS_TYPE = 3

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from camlens.localize import Box, box_from_map, normalize_maps, scale_box
+from camlens.localize import Box, box3d_from_map, box_from_map, normalize_maps, scale_box
 from camlens.methods import MethodResult
 from camlens.models import DEFAULT_THRESHOLD_PROB, class_probabilities
 from camlens.render import overlay
@@ -36,12 +36,13 @@ class Explanation:
     """Maps for a batch of images and the predictions they explain.
 
     Attributes:
-        raw: (N, K, h, w) float32, signed, un-normalised, at feature-map resolution.
+        raw: (N, K, h, w) float32, signed, un-normalised, at feature-map resolution;
+            (N, K, d, h, w) for volumes (a Conv3d model's input (N, C, D, H, W)).
         targets: (N, K) long, explained classes (K = 1 for top1, 5 for top5).
         logits: (N, classes) the model's scores.
         method: the method's name (``"cam"``, ``"gradcam"``...).
         layer: qualified name of the layer the maps come from.
-        input_size: (H, W) of the model input.
+        input_size: (H, W) of the model input; (D, H, W) for volumes (``is_volume``).
         labels: class names.
         images: the original images (for overlays and original-pixel boxes), or None.
         identity_error: CAM only: max |mean(M_c) + b_c - y_c| over the batch.
@@ -62,7 +63,7 @@ class Explanation:
     logits: torch.Tensor
     method: str
     layer: str
-    input_size: tuple[int, int]
+    input_size: tuple[int, ...]
     labels: list[str] = field(default_factory=list)
     images: list[Image.Image] | None = None
     identity_error: float | None = None
@@ -78,7 +79,7 @@ class Explanation:
         cls,
         result: MethodResult,
         method: str,
-        input_size: tuple[int, int],
+        input_size: tuple[int, ...],
         labels: Sequence[str],
         *,
         images: list[Image.Image] | None = None,
@@ -105,7 +106,7 @@ class Explanation:
             logits=result.logits.float().cpu(),
             method=method,
             layer=result.layer,
-            input_size=(int(input_size[0]), int(input_size[1])),
+            input_size=tuple(int(side) for side in input_size),
             labels=list(labels),
             images=images,
             identity_error=result.identity_error,
@@ -118,17 +119,20 @@ class Explanation:
         )
 
     def __repr__(self) -> str:
-        n, k, h, w = self.raw.shape
+        n, k, *grid = self.raw.shape
         targets = str(self.targets[:3].tolist())
         if len(self) > 3:
             targets = targets[:-1] + ", ...]"
+        raw, size = "x".join(map(str, grid)), "x".join(map(str, self.input_size))
         return (
             f"Explanation(method={self.method!r}, layer={self.layer!r}, n={n}, k={k}, "
-            f"raw={h}x{w}, input={self.input_size[0]}x{self.input_size[1]}, targets={targets})"
+            f"raw={raw}, input={size}, targets={targets})"
         )
 
     def _repr_html_(self) -> str:
         """Notebooks show the overlays (the first four images, every target), not tensors."""
+        if self.is_volume:  # no 2-D overlay: the text
+            return f"<div><code>{html.escape(repr(self))}</code></div>"
         cells = []
         for i in range(min(len(self), 4)):
             for k, image in enumerate(self.image_overlays(i)):
@@ -147,6 +151,11 @@ class Explanation:
 
     def __len__(self) -> int:
         return self.raw.shape[0]
+
+    @property
+    def is_volume(self) -> bool:
+        """The maps are 3-D: (N, K, D, H, W) ``maps`` of a Conv3d model's volumes."""
+        return len(self.input_size) == 3
 
     @property
     def probs(self) -> torch.Tensor:
@@ -212,7 +221,8 @@ class Explanation:
 
     @functools.cached_property
     def maps(self) -> torch.Tensor:
-        """(N, K, H, W) float32 in [0, 1] at input resolution (see the module docstring)."""
+        """(N, K, H, W) float32 in [0, 1] at input resolution (see the module docstring);
+        (N, K, D, H, W) for volumes."""
         return normalize_maps(self.raw, self.input_size)
 
     def source(self, i: int) -> str:
@@ -248,15 +258,22 @@ class Explanation:
     def image_boxes(
         self, i: int, threshold: float = 0.2, *, original: bool = False
     ) -> list[Box | None]:
-        """Zhou's boxes of image ``i``, one per target (see ``boxes``)."""
-        input_wh = (self.input_size[1], self.input_size[0])
-        result = []
-        for k in range(self.targets.shape[1]):
-            box = box_from_map(self.maps[i, k].numpy(), threshold)
-            if box is not None and original:
-                box = scale_box(box, input_wh, self.original_size(i))
-            result.append(box)
-        return result
+        """Zhou's boxes of image ``i``, one per target (see ``boxes``). For volumes the 3-D
+        boxes ``(x0, y0, z0, x1, y1, z1)`` in input voxels (``localize.box3d_from_map``;
+        ``original`` does not apply: the in-memory input is the model's)."""
+        find = box3d_from_map if self.is_volume else box_from_map
+        boxes = [find(self.maps[i, k].numpy(), threshold) for k in range(self.targets.shape[1])]
+        return (
+            [self.original_box(i, box) for box in boxes]
+            if original and not self.is_volume
+            else boxes
+        )
+
+    def original_box(self, i: int, box: Box | None) -> Box | None:
+        """A box in input pixels (``image_boxes(i)``) in image ``i``'s original pixels."""
+        if box is None:
+            return None
+        return scale_box(box, (self.input_size[1], self.input_size[0]), self.original_size(i))
 
     def overlays(
         self, *, colormap: str = "jet", alpha: float = 0.5, threshold: float | None = 0.2
@@ -276,23 +293,25 @@ class Explanation:
         alpha: float = 0.5,
         threshold: float | None = 0.2,
         heat: np.ndarray | None = None,
+        boxes: Sequence[Box | None] | None = None,
     ) -> list[Image.Image]:
         """Overlays of image ``i``, one per target (see ``overlays``), at the size of
         ``display_image(i)``: the original, or the smaller copy ``images`` holds when the
-        originals' sizes are in ``sizes``. ``heat``: ``display_maps(i)``, when the caller has
-        it already."""
+        originals' sizes are in ``sizes``. ``heat``: ``display_maps(i)``, and ``boxes``:
+        ``image_boxes(i, threshold)`` (input pixels), when the caller has them already."""
         image = self.display_image(i)
         width, height = image.size
         heat = self.display_maps(i) if heat is None else heat
-        boxes = [None] * heat.shape[0]
+        drawn: list[Box | None] = [None] * heat.shape[0]
         if threshold is not None:
             input_wh = (self.input_size[1], self.input_size[0])
-            boxes = [
+            found = self.image_boxes(i, threshold) if boxes is None else boxes
+            drawn = [
                 scale_box(box, input_wh, (width, height)) if box is not None else None
-                for box in self.image_boxes(i, threshold)
+                for box in found
             ]
         return [
-            overlay(image, heat[k], colormap=colormap, alpha=alpha, box=boxes[k])
+            overlay(image, heat[k], colormap=colormap, alpha=alpha, box=drawn[k])
             for k in range(heat.shape[0])
         ]
 
@@ -304,6 +323,12 @@ class Explanation:
 
     def display_image(self, i: int) -> Image.Image:
         """The original image ``i``, or a neutral gray image of the input size."""
+        if self.is_volume:
+            raise ValueError(
+                "a volume's maps have no 2-D overlay: draw a slice montage with "
+                "camlens.render.montage(volume, explanation.maps[i, k].numpy()), or write "
+                "montages and NIfTI maps with camlens.run_explain"
+            )
         if self.images is not None:
             return self.images[i]
         return Image.new("RGB", (self.input_size[1], self.input_size[0]), (128, 128, 128))

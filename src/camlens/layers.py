@@ -231,10 +231,11 @@ def _is_global_pooling(c: _Call) -> bool:
 
 
 def _is_feature_map(c: _Call) -> bool:
-    """Maps (N, C, h, w) or (N, h, w, C), or tokens (N, T, C), from a module that computes."""
+    """Maps (N, C, h, w) or (N, h, w, C), tokens (N, T, C), or a Conv3d model's maps
+    (N, C, d, h, w), from a module that computes."""
     return (
         c.output is not None
-        and c.output.ndim in (3, 4)
+        and c.output.ndim in (3, 4, 5)
         and not any(word in type(c.module).__name__ for word in _SKIPPED)
     )
 
@@ -264,6 +265,8 @@ def _layout(
         layout = ReshapeLayout(reshape)
         layout.to_maps(features.output)  # checks the result's shape now, not at explain time
         return layout
+    if features.output.ndim == 5:  # Conv3d maps (N, C, d, h, w): channels first, as torch's
+        return Layout("nchw", tuple(int(s) for s in features.output.shape[-2:]))
     position = next(i for i, c in enumerate(calls) if c is features)
     earlier = [(c.module, c.output.shape) for c in calls[:position] if c.output is not None]
     return infer_layout(
@@ -279,7 +282,7 @@ def _find_features(
         if not own:
             raise ConfigError(f"layer {layer!r} did not run in the forward pass")
         chosen = own[-1] if call in (None, -1) else next((c for c in own if c.index == call), None)
-        if chosen is None or chosen.output is None or chosen.output.ndim not in (3, 4):
+        if chosen is None or chosen.output is None or chosen.output.ndim not in (3, 4, 5):
             shape = None if chosen is None or chosen.output is None else tuple(chosen.output.shape)
             raise ConfigError(
                 f"layer {layer!r} (call {call}) returns {shape}, not feature maps (N, C, h, w), "
@@ -318,7 +321,7 @@ def _check_gap(
         )
     scale = float(fc_in.abs().max()) + 1e-12
     for transform, mapped in ((None, activation), ("relu", activation.relu())):
-        pooled = mapped.mean(dim=(-2, -1))
+        pooled = mapped.flatten(2).mean(dim=-1)  # over (h, w), or (d, h, w) for a volume
         if float((pooled - fc_in).abs().max()) <= 1e-4 * scale:
             return transform, None
     between = calls[calls.index(features) + 1 : calls.index(classifier)]
@@ -358,6 +361,35 @@ def _no_linear_reason(logits: torch.Tensor) -> str:
         f"no nn.Linear layer produces the model's logits (shape {tuple(logits.shape)}), so CAM "
         f"has no class weights to use; {USE_INSTEAD}"
     )
+
+
+def is_volume_model(module: nn.Module) -> bool:
+    """Whether ``module`` reads volumes (N, C, D, H, W): it has an ``nn.Conv3d``.
+
+    Example:
+        >>> is_volume_model(nn.Sequential(nn.Conv3d(1, 2, 3))), is_volume_model(nn.Conv2d(1, 2, 3))
+        (True, False)
+    """
+    return any(isinstance(sub, nn.Conv3d) for sub in module.modules())
+
+
+def volume_input_channels(module: nn.Module) -> int:
+    """The input channels of a volume model: those of its first ``nn.Conv3d``.
+
+    Raises:
+        ConfigError: the model has no ``nn.Conv3d``.
+
+    Example:
+        >>> volume_input_channels(nn.Sequential(nn.Conv3d(1, 2, 3), nn.Conv3d(2, 4, 3)))
+        1
+    """
+    first = next((sub for sub in module.modules() if isinstance(sub, nn.Conv3d)), None)
+    if first is None:
+        raise ConfigError(
+            "this model has no nn.Conv3d layer, so it does not read volumes (N, C, D, H, W); "
+            "explain volumes with a 3-D model such as torchvision:r3d_18"
+        )
+    return int(first.in_channels)
 
 
 # ------------------------------------------------------------------------------ head cache

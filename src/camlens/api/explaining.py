@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -13,14 +14,17 @@ from torch import nn
 
 from camlens.errors import ConfigError
 from camlens.explanation import Explanation
-from camlens.io import collect_inputs, load_image
-from camlens.methods import CAMMethod, check_method, make_method
+from camlens.io import collect_inputs, load_image, parse_window
+from camlens.io.volumes import NIFTI_SUFFIXES, collect_volumes, is_volume_path
+from camlens.layers import is_volume_model
+from camlens.methods import CAMMethod, check_method, get_method, make_method, volume_methods
 from camlens.models import Classifier, check_threshold_prob, load_model
 from camlens.pipeline import OutputFolder, RunOptions, RunResult, run
 from camlens.report.gallery import write_gallery
 from camlens.targets import Target, bind_target
 from camlens.tasks.common import output_stem
 from camlens.tasks.explain import ExplainTask, Style, write_image_outputs
+from camlens.tasks.volumes import VolumeExplainTask
 
 Images = str | os.PathLike | Image.Image | torch.Tensor | Sequence[str | os.PathLike | Image.Image]
 
@@ -35,6 +39,7 @@ def explain(
     method_options: dict[str, Any] | None = None,
     multilabel: bool | None = None,
     threshold_prob: float | None = None,
+    window: str | tuple[float, float] | None = None,
 ) -> Explanation:
     """Explain why ``model`` predicts what it does for ``images``.
 
@@ -60,13 +65,17 @@ def explain(
             ``predictions`` use the sigmoid and ``target="positive"`` explains every class at
             or above ``threshold_prob`` (default: the model's own, ``Classifier.multilabel``).
         threshold_prob: the multi-label threshold (default: the model's, 0.5).
+        window: ``(center, width)`` or ``"C,W"``: the grey-level window of 16-bit images and
+            DICOM files, in the file's units (Hounsfield units for CT); default: a DICOM
+            file's own VOI LUT or window, else the image's min..max.
 
     Returns:
         An ``Explanation`` (``raw``, ``maps``, ``targets``, ``logits``, ``probs``, ``boxes()``,
         ``overlays()``, ``save()``).
 
     Raises:
-        ConfigError: unknown method, layer or class, or CAM on a model without a GAP head.
+        ConfigError: unknown method, layer or class, CAM on a model without a GAP head, or
+            a window that is not two numbers with a width of at least 1.
         ImageLoadError: an image cannot be read.
 
     Example:
@@ -93,7 +102,8 @@ def explain(
         batch = images.to(device=classifier.device)
     else:
         items = [images] if isinstance(images, (str, os.PathLike, Image.Image)) else list(images)
-        originals = [load_image(item) for item in items]
+        bounds = parse_window(window)
+        originals = [load_image(item, window=bounds) for item in items]
         sources = [
             str(item) if isinstance(item, (str, os.PathLike)) else f"image{i}"
             for i, item in enumerate(items)
@@ -110,7 +120,7 @@ def explain(
     return Explanation.from_result(
         instance.run(batch, bound),
         instance.name,
-        tuple(batch.shape[-2:]),
+        tuple(batch.shape[2:]),
         classifier.labels,
         images=originals,
         sources=sources,
@@ -132,6 +142,9 @@ def run_explain(
     figures: bool = False,
     title: str = "camlens explain",
     options: RunOptions | None = None,
+    window: str | tuple[float, float] | None = None,
+    keep_uid: bool = False,
+    volume_size: tuple[int, int, int] | None = None,
 ) -> RunResult:
     """Explain every input and write overlays, raw maps, ``results.jsonl`` and ``index.html``
     (what ``camlens explain`` does).
@@ -149,6 +162,13 @@ def run_explain(
         figures: also write one figure per input with all its maps side by side.
         title: the gallery's title.
         options: batch size, device, engine, resume/overwrite, progress (``RunOptions``).
+        window: ``(center, width)`` or ``"C,W"``, as in :func:`explain` (``--window``).
+        keep_uid: a DICOM input's record also holds its ``"sop_instance_uid"`` (``--keep-uid``);
+            by default the record names the file only. Patient, study and private tags never
+            reach any output.
+        volume_size: with a 3-D model (one with ``nn.Conv3d`` layers), NIfTI files, DICOM
+            series folders and multi-frame DICOM files are explained as volumes
+            (:func:`run_explain_volumes`), resized to this (D, H, W) (``--volume-size``).
 
     Returns:
         A ``RunResult``: ``n_inputs``, ``n_ok``, ``n_error`` (inputs that could not be read),
@@ -171,10 +191,30 @@ def run_explain(
     folder = job_folder(out_dir, options)
     check_method(method, method_options)
     style = (style or Style()).check()
+    bounds = parse_window(window)
+    as_volumes = functools.partial(
+        run_explain_volumes,
+        inputs=inputs,
+        out_dir=folder,
+        method=method,
+        target=target,
+        layer=layer,
+        method_options=method_options,
+        style=style,
+        title=title,
+        options=options,
+        window=bounds,
+        volume_size=volume_size,
+    )
+    model, volumes = _volume_model(model, inputs, options.device)
+    if volumes:
+        return as_volumes(model)
     paths = collect_inputs(inputs)
     if not paths:
         raise ConfigError("no images found in the given inputs")
     classifier = job_model(model, options.device)
+    if is_volume_model(classifier.module):  # e.g. multi-frame DICOM files for a 3-D model
+        return as_volumes(classifier)
     task = ExplainTask(
         classifier,
         method,
@@ -184,6 +224,8 @@ def run_explain(
         style,
         figures,
         max_pixels=options.max_pixels,
+        window=bounds,
+        keep_uid=keep_uid,
     )
     result = run(task, paths, folder.root, options, folder=folder)
     write_gallery(
@@ -194,6 +236,121 @@ def run_explain(
     )
     folder.close()
     return result
+
+
+def run_explain_volumes(
+    model: Classifier | nn.Module | str | Callable[[], Classifier],
+    inputs: str | os.PathLike | Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike | OutputFolder,
+    *,
+    method: str = "cam",
+    target: Target = "top1",
+    layer: str | None = None,
+    method_options: dict[str, Any] | None = None,
+    style: Style | None = None,
+    title: str = "camlens explain",
+    options: RunOptions | None = None,
+    window: str | tuple[float, float] | None = None,
+    volume_size: tuple[int, int, int] | None = None,
+    montage_step: int | None = None,
+) -> RunResult:
+    """Explain 3-D volumes with a Conv3d classifier (what ``camlens explain`` does with a 3-D
+    model): per volume and explained class a slice montage PNG and the map as NIfTI aligned
+    with the input, raw maps, ``results.jsonl`` (``kind: "volume"``, 3-D boxes in voxels and
+    world millimetres) and ``index.html``. See ``camlens.tasks.volumes``.
+
+    Parameters:
+        model: a ``Classifier`` of a network with ``nn.Conv3d`` layers (or a spec, a module,
+            or a function that loads it).
+        inputs: NIfTI files (``.nii``, ``.nii.gz``), DICOM series folders, multi-frame DICOM
+            files, and folders holding them (searched recursively, sorted).
+        out_dir, method, target, layer, method_options, style, title, options: as in
+            :func:`run_explain`; the method must explain volumes (cam, gradcam, gradcam++,
+            hirescam, xgradcam, layercam, gradcamelementwise, random).
+        window: ``(center, width)`` or ``"C,W"``: the grey levels shown and fed to the model;
+            default each volume's 0.5th .. 99.5th percentile.
+        volume_size: the model's input (D, H, W); default
+            ``camlens.tasks.volumes.default_volume_size``.
+        montage_step: every how many slices the montage shows (default: at most 16 tiles).
+
+    Returns:
+        A ``RunResult``.
+
+    Raises:
+        ConfigError: a method that cannot explain volumes, a model without ``nn.Conv3d``,
+            no volumes in ``inputs``, or an output folder the rules refuse.
+
+    Example:
+        >>> import nibabel
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(),
+        ...                     nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(4, 2))
+        >>> nibabel.save(nibabel.Nifti1Image(np.ones((8, 8, 6)), np.eye(4)), "ct.nii.gz")
+        >>> result = run_explain_volumes(net, ["ct.nii.gz"], "out", volume_size=(6, 8, 8),
+        ...                              options=camlens.RunOptions(progress=False))
+        >>> result.n_ok, sorted(os.listdir("out/maps")), sorted(os.listdir("out/montages"))[0][:8]
+        (1, ['00000_ct.nii_c0.nii.gz'], '00000_ct')
+    """
+    options = options or RunOptions()
+    folder = job_folder(out_dir, options)
+    if not check_method(method, method_options).volumes:
+        raise ConfigError(
+            f"{get_method(method).name} cannot explain 3-D volumes; methods that explain "
+            f"volumes: {', '.join(volume_methods())}"
+        )
+    style = (style or Style()).check()
+    paths = collect_volumes([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)
+    if not paths:
+        raise ConfigError("no volumes (NIfTI files, DICOM series) found in the given inputs")
+    classifier = job_model(model, options.device)
+    task = VolumeExplainTask(
+        classifier,
+        method,
+        target,
+        layer,
+        dict(method_options or {}),
+        style,
+        size=None if volume_size is None else tuple(int(v) for v in volume_size),
+        window=parse_window(window),
+        montage_step=montage_step,
+    )
+    result = run(task, paths, folder.root, options, folder=folder)
+    write_gallery(
+        folder,
+        folder.log(VolumeExplainTask.records_file).records(),
+        title=title,
+        subtitle=f"model {classifier.name} · method {method} · target {target} · volumes",
+    )
+    folder.close()
+    return result
+
+
+def _volume_model(
+    model: Classifier | nn.Module | str | Callable[[], Classifier],
+    inputs: str | os.PathLike | Sequence[str | os.PathLike],
+    device: str | None,
+) -> tuple[Classifier | nn.Module | str | Callable[[], Classifier], bool]:
+    """``(model, True)`` when ``inputs`` name volumes (NIfTI files, DICOM series folders) and
+    the model, loaded here, is a 3-D one; else the model (loaded or not) and False.
+
+    Raises:
+        ConfigError: a NIfTI file for a 2-D model (a folder of DICOM files may hold 2-D
+            images: it is read as images then).
+    """
+    items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    if not any(is_volume_path(item) for item in items):
+        return model, False
+    classifier = job_model(model, device)
+    if is_volume_model(classifier.module):
+        return classifier, True
+    nifti = next((item for item in items if os.fspath(item).lower().endswith(NIFTI_SUFFIXES)), None)
+    if nifti is not None:
+        raise ConfigError(
+            f"{os.fspath(nifti)!r} is a NIfTI volume, but model {classifier.name!r} is a 2-D "
+            "image classifier (no nn.Conv3d layer); explain volumes with a 3-D model, e.g. "
+            "--model torchvision:r3d_18 --weights W.pt"
+        )
+    return classifier, False
 
 
 def save_explanation(

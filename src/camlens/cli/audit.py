@@ -147,7 +147,10 @@ def terminal_summary(result: dict[str, Any]) -> str:
     for flag in result["flags"]:
         verdict = "CONFIRMED" if flag["confirmed"] else "candidate"
         box = ",".join(f"{v:.2f}" for v in flag["box"])
-        line = f"  {verdict:9}  {flag['class']}  {describe_place(flag['box'])}  box {box}"
+        place = describe_place(flag["box"])
+        if flag.get("kind") == "moving-pattern":  # the box is one exemplar's, not a place
+            place = f"a moving pattern on {len(flag['locations'])} images (e.g. {place})"
+        line = f"  {verdict:9}  {flag['class']}  {place}  box {box}"
         if flag["flip_rate"] is not None:
             line += (
                 f"  flip {flag['flip_rate']:.0%} (random {flag['baseline_flip_rate']:.0%})"

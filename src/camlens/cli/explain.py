@@ -43,6 +43,33 @@ if TYPE_CHECKING:
     type=click.FloatRange(0.0, 1.0, max_open=True),
     help="Box threshold: fraction of the map's maximum (Zhou 2016).",
 )
+@click.option(
+    "--window",
+    metavar="C,W",
+    default=None,
+    callback=lambda ctx, param, value: _window(value),
+    help="Grey-level window (centre,width) of DICOM files and 16-bit PNG/TIFF images, in the "
+    "file's units (Hounsfield units for CT), e.g. 40,400; overrides a DICOM file's own VOI "
+    "LUT or window. Default: the file's window, else the image's min..max; a volume's "
+    "0.5th..99.5th percentile.",
+)
+@click.option(
+    "--keep-uid",
+    is_flag=True,
+    help="Write each DICOM input's SOP Instance UID into results.jsonl (sop_instance_uid). "
+    "Without it the record names the file only; patient and private tags never reach any "
+    "output.",
+)
+@click.option(
+    "--volume-size",
+    metavar="D,H,W",
+    default=None,
+    callback=lambda ctx, param, value: _volume_size(value),
+    help="With a 3-D model (Conv3d; e.g. --model torchvision:r3d_18 --weights W.pt): the "
+    "size every volume (.nii/.nii.gz, DICOM series folder, multi-frame DICOM) is resized to, "
+    "slices,rows,columns. Default: 16,112,112 for torchvision models, else 16 slices of the "
+    "model's input size.",
+)
 @run_options
 def explain(
     inputs: tuple[Path, ...],
@@ -56,12 +83,19 @@ def explain(
     alpha: float,
     overlay_size: int,
     threshold: float,
+    window: tuple[float, float] | None,
+    keep_uid: bool,
+    volume_size: tuple[int, int, int] | None,
     options: RunOptions,
 ) -> None:
     """Explain images: an overlay per explained class, raw maps, results.jsonl, index.html.
 
-    INPUTS are image files or folders (searched recursively). Unreadable inputs are reported
-    in results.jsonl and the rest are processed. A non-empty --out is refused unless --resume
+    INPUTS are image files (DICOM .dcm included: rescaled, windowed, MONOCHROME1 inverted;
+    the overlay is drawn on the windowed image) or folders (searched recursively, DICOM
+    files without a suffix included). Unreadable inputs are reported
+    in results.jsonl and the rest are processed. With a 3-D model, NIfTI files and DICOM
+    series folders are explained as volumes: a slice montage PNG and a NIfTI map per class
+    (montages/, maps/), 3-D boxes in voxels and world mm in results.jsonl. A non-empty --out is refused unless --resume
     (same settings and inputs) or --overwrite (removes only what camlens wrote there).
 
     Exit status: 0 all inputs done, 1 some inputs failed, 2 usage or configuration error.
@@ -81,9 +115,45 @@ def explain(
             layer=layer,
             style=style,
             options=options,
+            window=window,
+            keep_uid=keep_uid,
+            volume_size=volume_size,
         )
     )
     finish_run(result, _summary(result))
+
+
+def _window(text: str | None) -> tuple[float, float] | None:
+    """``--window C,W`` as (centre, width); a bad value is a usage error (exit 2)."""
+    from camlens.errors import ConfigError
+    from camlens.io.medical import parse_window
+
+    try:
+        return parse_window(text)
+    except ConfigError as error:
+        raise click.BadParameter(str(error), param_hint="'--window'") from None
+
+
+def _volume_size(text: str | None) -> tuple[int, int, int] | None:
+    """``--volume-size D,H,W`` as three positive integers; else a usage error (exit 2).
+
+    Example:
+        >>> _volume_size("16,112,112"), _volume_size(None)
+        ((16, 112, 112), None)
+    """
+    if text is None:
+        return None
+    try:
+        sides = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        sides = ()
+    if len(sides) != 3 or min(sides) < 1:
+        raise click.BadParameter(
+            f"{text!r} is not three whole numbers >= 1 separated by commas (slices,rows,"
+            "columns), e.g. --volume-size 16,112,112",
+            param_hint="'--volume-size'",
+        )
+    return sides
 
 
 @click.command()

@@ -171,7 +171,7 @@ OUT_ARGUMENT_DEPRECATED = "Warning: camlens make-dataset KIND OUT is deprecated;
 
 
 @click.command("make-dataset")
-@click.argument("kind", type=click.Choice(["shapes"]))
+@click.argument("kind", type=click.Choice(["shapes", "xray"]))
 @click.argument("out", required=False, type=click.Path(path_type=Path), cls=_UnlistedArgument)
 @click.option(
     "--out",
@@ -186,7 +186,12 @@ OUT_ARGUMENT_DEPRECATED = "Warning: camlens make-dataset KIND OUT is deprecated;
     help="Remove what camlens wrote in --out before (nothing else), then generate.",
 )
 @click.option("--n", default=600, show_default=True, type=click.IntRange(min=2), help="Images.")
-@click.option("--size", default=64, show_default=True, type=click.IntRange(min=16), help="Side.")
+@click.option(
+    "--size",
+    default=None,
+    type=click.IntRange(min=16),
+    help="Side in pixels; default 64 (shapes), 128 (xray).",
+)
 @click.option(
     "--classes",
     default=",".join(DEFAULT_CLASSES),
@@ -199,7 +204,8 @@ OUT_ARGUMENT_DEPRECATED = "Warning: camlens make-dataset KIND OUT is deprecated;
     type=click.Choice(SHORTCUTS),
     default=None,
     help="Plant a shortcut on one class: corner-tag (a tag in a fixed corner, like the "
-    "horse source tag), stripe (a band along an edge), token (an 'L' marker anywhere).",
+    "horse source tag), stripe (a band along an edge), token (an 'L' marker anywhere), "
+    "coin (a bright ring anywhere).",
 )
 @click.option("--shortcut-class", default=None, help="Class that carries it (default: first).")
 @click.option(
@@ -221,7 +227,7 @@ OUT_ARGUMENT_DEPRECATED = "Warning: camlens make-dataset KIND OUT is deprecated;
     default="bottom-left",
     show_default=True,
     type=click.Choice(POSITIONS),
-    help="Corner of the tag (the stripe uses top/bottom; the token goes anywhere).",
+    help="Corner of the tag (the stripe uses top/bottom; the token and coin go anywhere).",
 )
 @click.option(
     "--max-rotation",
@@ -237,6 +243,40 @@ OUT_ARGUMENT_DEPRECATED = "Warning: camlens make-dataset KIND OUT is deprecated;
     type=click.IntRange(min=1),
     help="Shapes per image, of different classes. 2 or more: multi-label data "
     "(OUT/labels.csv for camlens train --multilabel; no shortcut).",
+)
+@click.option(
+    "--format",
+    "image_format",
+    default="png",
+    show_default=True,
+    type=click.Choice(["png", "dicom"]),
+    help="xray: 16-bit PNG or DICOM (MONOCHROME2, 12 bits stored, no patient data).",
+)
+@click.option(
+    "--hospitals",
+    default=2,
+    show_default=True,
+    type=click.IntRange(2, 6),
+    help="xray: hospitals A, B, ...; image i comes from hospital i mod HOSPITALS.",
+)
+@click.option(
+    "--prevalence",
+    default=None,
+    help="xray: share of finding images per hospital, comma-separated "
+    "(default 0.8,0.2; evenly spaced from 0.8 to 0.2 for more hospitals).",
+)
+@click.option(
+    "--markers",
+    default=None,
+    help="xray: marker style per hospital, comma-separated from L, box-R, X, ring, R, box-L "
+    "(lead letters, or box-*: a burned-in label; default: in this order).",
+)
+@click.option(
+    "--finding-contrast",
+    default=0.1,
+    show_default=True,
+    type=click.FloatRange(0.0, 1.0),
+    help="xray: peak brightness of the opacity, as a share of the full range.",
 )
 def make_dataset(
     kind: str,
@@ -254,6 +294,11 @@ def make_dataset(
     shortcut_position: str,
     max_rotation: float,
     per_image: int,
+    image_format: str,
+    hospitals: int,
+    prevalence: str | None,
+    markers: str | None,
+    finding_contrast: float,
 ) -> None:
     """Generate a synthetic data set with ground truth into --out OUT.
 
@@ -268,6 +313,21 @@ def make_dataset(
     (OUT/masks/image_0000_<class>.png), annotations.csv (one row per object) and
     OUT/labels.csv (image,labels; classes separated by ';').
     Train on it with: camlens train OUT/labels.csv --multilabel --out MODEL_DIR
+    \b
+    xray: chest-radiograph-like 12-bit images (16-bit PNG, or DICOM with --format dicom)
+    of class finding (an opacity in a lung) or normal, from --hospitals hospitals that each
+    put their own laterality marker (L, box-R...) at a varying place along the film's edge and
+    have their own share of findings (--prevalence): a shortcut a model can learn.
+      OUT/images/<class>/xray_NNNN.png    OUT/masks/finding/xray_NNNN.png
+      OUT/lungs/masks/<class>/*.png       OUT/markers/masks/<class>/*.png
+      OUT/annotations.csv (finding boxes) OUT/lungs.csv (both lung boxes per image)
+      OUT/dataset.json (hospital, marker box and text, masks and boxes per image)
+    Train: camlens train OUT/images --out MODEL_DIR
+    camlens evaluate ANNOTATIONS against
+      the finding:     OUT/annotations.csv (boxes), or OUT (its masks)
+      the lung fields: OUT/lungs.csv (energy in the lung boxes), or
+                       OUT/lungs --images OUT/images (lung masks: --metrics mask)
+      the markers:     OUT/markers --images OUT/images
 
     A non-empty --out is refused unless --overwrite (removes only what camlens wrote there,
     so no image of an older data set is mixed into the new one). Exit status: 0 done, 2 usage
@@ -284,6 +344,22 @@ def make_dataset(
         out_dir = out
     if out_dir is None:
         raise click.UsageError("Missing option '--out'.")
+    _refuse_options_of_the_other_kind(kind)
+    if kind == "xray":
+        _make_xray(
+            out_dir,
+            overwrite,
+            n=n,
+            size=size or 128,
+            seed=seed,
+            format=image_format,
+            hospitals=hospitals,
+            prevalence=_floats(prevalence, "--prevalence"),
+            markers=tuple(markers.split(",")) if markers else None,
+            finding_contrast=finding_contrast,
+        )
+        return
+    size = size or 64
 
     config = ShapesConfig(
         n=n,
@@ -308,4 +384,59 @@ def make_dataset(
     )
     click.echo(
         f"{len(info['images'])} images of {', '.join(info['classes'])}{planted} -> {out_dir}"
+    )
+
+
+_SHAPES_ONLY = (
+    "classes", "shortcut", "shortcut_class", "shortcut_rate", "shortcut_other_rate",
+    "shortcut_position", "max_rotation", "per_image",
+)  # fmt: skip
+_XRAY_ONLY = ("image_format", "hospitals", "prevalence", "markers", "finding_contrast")
+
+
+def _refuse_options_of_the_other_kind(kind: str) -> None:
+    """A usage error for an option of the other kind given on the command line."""
+    ctx = click.get_current_context()
+    foreign = _SHAPES_ONLY if kind == "xray" else _XRAY_ONLY
+    given = [
+        param.opts[0]
+        for param in ctx.command.params
+        if param.name in foreign
+        and ctx.get_parameter_source(param.name or "") != click.core.ParameterSource.DEFAULT
+    ]
+    if given:
+        other = "shapes" if kind == "xray" else "xray"
+        what = "is an option" if len(given) == 1 else "are options"
+        raise click.UsageError(
+            f"{', '.join(given)} {what} of make-dataset {other}, not {kind}; leave "
+            f"{'it' if len(given) == 1 else 'them'} out"
+        )
+
+
+def _floats(text: str | None, option: str) -> tuple[float, ...] | None:
+    """``"0.8,0.2"`` -> ``(0.8, 0.2)``; a usage error naming ``option`` for bad text."""
+    if text is None:
+        return None
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise click.UsageError(
+            f"{option} {text!r}: give comma-separated numbers, e.g. 0.8,0.2"
+        ) from None
+
+
+def _make_xray(out_dir: Path, overwrite: bool, **parameters: object) -> None:
+    """``camlens make-dataset xray``: generate, then print the summary line."""
+    from camlens.data.xray import XrayConfig, make_xray_dataset
+
+    config = XrayConfig(**parameters)  # type: ignore[arg-type]
+    info = run_or_exit(lambda: make_xray_dataset(out_dir, config, overwrite=overwrite, cli=True))
+    counts = {c: sum(1 for r in info["images"] if r["label"] == c) for c in info["classes"]}
+    hospitals = "; ".join(
+        f"{h['name']}: {h['marker']} marker, {h['findings']}/{h['images']} finding"
+        for h in info["hospitals"]
+    )
+    click.echo(
+        f"{len(info['images'])} x-ray images ({', '.join(f'{c}: {k}' for c, k in counts.items())})"
+        f" from {len(info['hospitals'])} hospitals ({hospitals}) -> {out_dir}"
     )

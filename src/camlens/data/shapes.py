@@ -17,6 +17,7 @@ Kinds of shortcut:
 * ``corner-tag``: a white square with a dark checker pattern in a fixed corner.
 * ``stripe``: a yellow and black dashed band along the top or bottom edge.
 * ``token``: a white "L" on a dark square at a random place that does not cover the object.
+* ``coin``: a bright ring on a dark square (a coin, a round lead marker), placed like the token.
 
 Output layout (``make_shapes_dataset``)::
 
@@ -66,6 +67,9 @@ from camlens.writers import write_json, write_png, write_text
 
 CORNERS = POSITIONS[:4]
 
+#: Shortcut kinds drawn at a random free place on every image (not at a fixed place).
+MOVING = ("token", "coin")
+
 #: The task name a generated data set records in its output folder's settings.
 TASK = "make-dataset"
 
@@ -90,7 +94,7 @@ class ShapesConfig:
         shortcut_rate: fraction of that class's images that carry it.
         shortcut_other_rate: fraction of every other class's images that carry it.
         shortcut_position: a corner, or ``"random-corner"``; the stripe uses its top/bottom
-            part, the token ignores it.
+            part, the token and the coin ignore it.
         max_rotation: shapes are turned by up to this many degrees either way from upright
             (180: any orientation, a much harder task for small data sets).
         noise: standard deviation of the pixel noise, in [0, 1] intensity units.
@@ -397,7 +401,8 @@ def render_shape_image(config: ShapesConfig, index: int, label: str, shortcut: b
 
 
 def shortcut_patch(kind: str, side: int) -> np.ndarray:
-    """The shortcut's pixels, (h, w, 3) uint8: the tag (``side`` x ``side``), or the token.
+    """The shortcut's pixels, (h, w, 3) uint8: the tag, the token or the coin (``side`` x
+    ``side``).
 
     Used to paste the mark onto other images (e.g. to test whether it flips a prediction).
     The stripe is not a patch; it spans the image width (see ``stripe_patch``).
@@ -415,7 +420,15 @@ def shortcut_patch(kind: str, side: int) -> np.ndarray:
         patch[inner, max(1, side // 6) : max(1, side // 6) + stroke] = 245
         patch[side - max(1, side // 6) - stroke : side - max(1, side // 6), inner] = 245
         return patch
-    raise ConfigError(f"{kind!r} has no patch; patches exist for corner-tag and token")
+    if kind == "coin":
+        centre = (side - 1) / 2
+        yy, xx = np.mgrid[0:side, 0:side]
+        distance = np.hypot(yy - centre, xx - centre)
+        ring = (distance <= side / 2 - 0.5) & (distance >= side / 2 - 0.5 - max(1.0, side / 5))
+        patch = np.full((side, side, 3), 25, dtype=np.uint8)
+        patch[ring] = (245, 215, 90)
+        return patch
+    raise ConfigError(f"{kind!r} has no patch; patches exist for corner-tag, token and coin")
 
 
 def stripe_patch(width: int, height: int) -> np.ndarray:
@@ -480,7 +493,7 @@ def _shortcut_summary(config: ShapesConfig, records: list[dict]) -> dict | None:
         "class": config.shortcut_class,
         "rate": config.shortcut_rate,
         "other_rate": config.shortcut_other_rate,
-        "position": config.shortcut_position if config.shortcut != "token" else "random",
+        "position": config.shortcut_position if config.shortcut not in MOVING else "random",
         "n_images": len(carrying),
         "per_class": per_class,
         "images": carrying,
@@ -639,7 +652,7 @@ def _draw_shortcut(
     if config.shortcut == "corner-tag":
         corner = position if position != "random-corner" else str(rng.choice(CORNERS))
         where = corner_box(size, corner)
-    else:  # token: anywhere the object is not
+    else:  # token, coin: anywhere the object is not
         where = _free_spot(rng, size, side, box)
     x0, y0, x1, y1 = where
     pixels[y0:y1, x0:x1] = shortcut_patch(str(config.shortcut), side)

@@ -23,6 +23,14 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from camlens.defaults import DEFAULT_MAX_PIXELS
 from camlens.errors import CamlensError
+from camlens.io.medical import (
+    DICOM_SUFFIXES,
+    DicomError,
+    apply_window,
+    has_dicom_preamble,
+    min_max_window,
+    read_dicom_image,
+)
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -37,6 +45,7 @@ __all__ = [
 #: File suffixes (lowercase, with the dot) that :func:`collect_inputs` picks up in folders.
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
+    | DICOM_SUFFIXES
 )
 
 
@@ -84,13 +93,16 @@ class ImageLoadError(CamlensError):
         self.path = path
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
+def to_rgb(image: Image.Image, *, window: tuple[float, float] | None = None) -> Image.Image:
     """Convert an image of any Pillow mode to 8-bit RGB; the input is not modified.
 
     Transparent images (RGBA, LA, PA, palette or grey/RGB with a ``transparency`` entry) are
     composited onto a white background. 16-bit integer images (``I;16*``, and ``I``, which is
-    read as 16-bit: values are clipped to 0..65535) are scaled to 0..255, so 65535 becomes 255
-    rather than being clipped as by ``Image.convert("RGB")``. Float images (``F``) whose
+    read as 16-bit: values are clipped to 0..65535) keep their range: they are windowed
+    (:func:`camlens.io.medical.apply_window`, DICOM's linear formula) with ``window``, or by
+    default from their own minimum (0) to maximum (255), so a 12-bit image (0..4095) uses all
+    256 grey levels rather than being clipped as by ``Image.convert("RGB")``. Float images
+    (``F``) whose
     values all lie in 0..1 are scaled by 255, otherwise clipped to 0..255. Every other mode
     (``1``, ``L``, ``P``, ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``, ``RGBX``) uses Pillow's
     conversion. Embedded ICC profiles are not applied.
@@ -99,25 +111,35 @@ def to_rgb(image: Image.Image) -> Image.Image:
     ----------
     image : PIL.Image.Image
         Any image; it is loaded if it has not been yet.
+    window : (float, float) or None, optional
+        ``(center, width)`` of the grey-level window of a 16-bit image (the command line's
+        ``--window C,W``); ignored for 8-bit and float images.
 
     Returns
     -------
     PIL.Image.Image
-        A new ``RGB`` image of the same size (a copy, even if ``image`` is already RGB).
+        A new ``RGB`` image of the same size (a copy, even if ``image`` is already RGB); for
+        a 16-bit image ``info["window"]`` is the (centre, width) applied.
 
     Examples
     --------
     >>> to_rgb(Image.new("LA", (2, 2), (0, 0))).getpixel((0, 0))
     (255, 255, 255)
+    >>> twelve_bit = Image.fromarray(np.array([[0, 1000, 4095]], dtype=np.uint16))
+    >>> np.asarray(to_rgb(twelve_bit))[0, :, 0].tolist()  # 255 * x / 4095, rounded
+    [0, 62, 255]
+    >>> np.asarray(to_rgb(twelve_bit, window=(1000, 1000)))[0, :, 0].tolist()  # 500..1500
+    [0, 128, 255]
     """
     mode = image.mode
     if mode == "RGB" and "transparency" not in image.info:
         return image.copy()
     if mode in _SIXTEEN_BIT_MODES:
-        values = np.asarray(image).astype(np.int64)
-        values = np.clip(values, 0, 65535)
-        grey = ((values * 255 + 32767) // 65535).astype(np.uint8)
-        return Image.fromarray(grey).convert("RGB")
+        values = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
+        applied = window or min_max_window(values)
+        rgb = Image.fromarray(apply_window(values, *applied)).convert("RGB")
+        rgb.info["window"] = applied
+        return rgb
     if mode == "F":
         values = np.asarray(image, dtype=np.float64)
         finite = values[np.isfinite(values)]
@@ -145,12 +167,16 @@ def load_image(
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     needed_side: int | None = None,
     copy: bool = True,
+    window: tuple[float, float] | None = None,
 ) -> Image.Image:
     """Load an image as a fully decoded, EXIF-oriented, 8-bit RGB image.
 
     The file is decoded completely here (so truncation is detected here, not later) and
     closed before returning. The EXIF orientation tag is applied. Mode conversion is
     :func:`to_rgb`. A PIL image input is never modified: the result is a converted copy.
+    DICOM files (a ``.dcm`` / ``.dicom`` suffix, or any file Pillow does not know that has
+    the DICOM preamble) are read by :func:`camlens.io.medical.read_dicom_image`: rescaled,
+    windowed, ``MONOCHROME1`` inverted; a multi-frame file is refused (it is a volume).
 
     Parameters
     ----------
@@ -173,6 +199,11 @@ def load_image(
         converted copy; ``False`` lets it be oriented in place and returned itself when it is
         already RGB (for an image the caller has just decoded and will not use again: a large
         image is then held once, not three times). A file is always decoded without copies.
+    window : (float, float) or None, optional
+        ``(center, width)``: the grey-level window of 16-bit images and DICOM files (in the
+        file's modality units, e.g. Hounsfield units; the command line's ``--window C,W``).
+        Default: a DICOM file's own VOI LUT or window, else the image's min..max. 8-bit and
+        colour images are not windowed.
 
     Returns
     -------
@@ -183,7 +214,9 @@ def load_image(
     ------
     ImageLoadError
         The path is missing, a folder, unreadable, empty, not a decodable image, truncated or
-        corrupt, has no pixels, or has more than ``max_pixels`` pixels.
+        corrupt, has no pixels, or has more than ``max_pixels`` pixels; a DICOM file that
+        cannot be decoded here (the message names the package to install) or that holds
+        several frames.
 
     Examples
     --------
@@ -197,7 +230,7 @@ def load_image(
     camlens.io.images.ImageLoadError: cannot read 'notes.jpg': it is not an image Pillow can decode ...
     """
     if isinstance(source, Image.Image):
-        return _load_pil(source, max_pixels, owned=not copy)
+        return _load_pil(source, max_pixels, owned=not copy, window=window)
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(
             f"load_image expects a path or a PIL.Image.Image, not {type(source).__name__}"
@@ -207,6 +240,8 @@ def load_image(
         path = os.fsdecode(path)
     name = f"'{path}'"
     _check_file(path, name)
+    if os.path.splitext(path)[1].lower() in DICOM_SUFFIXES:
+        return _load_dicom(path, window, max_pixels)
     with warnings.catch_warnings():
         _bomb_warnings_filter(max_pixels)
         try:
@@ -220,7 +255,7 @@ def load_image(
                     )
                 decoded = opened.size
                 opened.load()
-                image = _finish(opened, name, stacklevel=4, owned=True)
+                image = _finish(opened, name, stacklevel=4, owned=True, window=window)
                 turned = image.size != decoded  # EXIF turned it by 90 degrees
                 image.info["original_size"] = stored[::-1] if turned else stored
                 return image
@@ -229,11 +264,12 @@ def load_image(
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
             raise _bomb_error(error, max_pixels, path, name) from error
         except UnidentifiedImageError as error:
-            raise ImageLoadError(
-                f"cannot read {name}: it is not an image Pillow can decode "
-                "(unknown format or a damaged header); check that it is really an image file",
-                path,
-            ) from error
+            if not has_dicom_preamble(path):
+                raise ImageLoadError(
+                    f"cannot read {name}: it is not an image Pillow can decode (unknown "
+                    "format or a damaged header); check that it is really an image file",
+                    path,
+                ) from error
         except PermissionError as error:
             raise ImageLoadError(
                 f"cannot read {name}: permission denied; check the file's permissions", path
@@ -242,6 +278,17 @@ def load_image(
             raise ImageLoadError(f"cannot read {name}: the file does not exist", path) from error
         except (OSError, SyntaxError, ValueError, EOFError) as error:
             raise _decode_error(error, path, name) from error
+    return _load_dicom(path, window, max_pixels)  # a DICOM file without the suffix
+
+
+def _load_dicom(
+    path: str, window: tuple[float, float] | None, max_pixels: int | None
+) -> Image.Image:
+    """A DICOM file as 8-bit RGB (:func:`camlens.io.medical.read_dicom_image`)."""
+    try:
+        return read_dicom_image(path, window=window, max_pixels=max_pixels)
+    except DicomError as error:
+        raise ImageLoadError(error.message, path) from error
 
 
 def resized_pixels(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
@@ -261,7 +308,9 @@ def collect_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     """Expand folders into the image files below them; keep everything else as given.
 
     Each input that is a folder becomes every file under it, recursively, whose suffix
-    (case-insensitive) is in :data:`IMAGE_EXTENSIONS`, sorted by path string. Files and
+    (case-insensitive) is in :data:`IMAGE_EXTENSIONS` (``.dcm`` included), or that has no
+    suffix or a numeric one (``IM0001``, ``1.2.840.5``) and the DICOM preamble, sorted by
+    path string. Files and
     folders whose name starts with ``.`` below the given folder are skipped; symbolic links
     to folders are not followed. Any other input (a file, whatever its suffix, or a path that
     does not exist) is kept as given, so that :func:`load_image` can report a problem with it.
@@ -313,10 +362,19 @@ def _images_in_folder(folder: Path) -> list[Path]:
         for filename in filenames:
             if filename.startswith("."):
                 continue
-            if os.path.splitext(filename)[1].lower() in IMAGE_EXTENSIONS:
+            suffix = os.path.splitext(filename)[1].lower()
+            if suffix in IMAGE_EXTENSIONS or _unsuffixed_dicom(root, filename, suffix):
                 found.append(Path(root, filename))
     found.sort(key=str)
     return found
+
+
+def _unsuffixed_dicom(root: str, filename: str, suffix: str) -> bool:
+    """A DICOM file named without an image suffix (``IM0001``, ``1.2.840.113619.2.5``): no
+    suffix or a numeric one, and the DICOM preamble."""
+    if suffix and not suffix[1:].isdigit():
+        return False
+    return has_dicom_preamble(os.path.join(root, filename))
 
 
 def _check_file(path: str, name: str) -> None:
@@ -418,8 +476,15 @@ def _decode_error(error: BaseException, path: str | None, name: str) -> ImageLoa
     )
 
 
-def _finish(image: Image.Image, name: str, stacklevel: int, owned: bool) -> Image.Image:
-    """Apply EXIF orientation and convert to RGB; ``image`` must already be loaded.
+def _finish(
+    image: Image.Image,
+    name: str,
+    stacklevel: int,
+    owned: bool,
+    window: tuple[float, float] | None = None,
+) -> Image.Image:
+    """Apply EXIF orientation and convert to RGB (16-bit images through ``window``);
+    ``image`` must already be loaded.
 
     ``owned``: ``image`` is ours to change (just decoded), so it is oriented in place and
     returned itself when already RGB; otherwise it is left untouched and copied.
@@ -436,7 +501,7 @@ def _finish(image: Image.Image, name: str, stacklevel: int, owned: bool) -> Imag
         oriented = image
     if owned and oriented.mode == "RGB" and "transparency" not in oriented.info:
         return _detached(oriented)
-    return to_rgb(oriented)
+    return to_rgb(oriented, window=window)
 
 
 def _detached(image: Image.Image) -> Image.Image:
@@ -448,7 +513,12 @@ def _detached(image: Image.Image) -> Image.Image:
     return image._new(image.im)
 
 
-def _load_pil(image: Image.Image, max_pixels: int | None, owned: bool) -> Image.Image:
+def _load_pil(
+    image: Image.Image,
+    max_pixels: int | None,
+    owned: bool,
+    window: tuple[float, float] | None = None,
+) -> Image.Image:
     filename = getattr(image, "filename", None) or None
     path = os.fspath(filename) if filename else None
     name = f"'{path}'" if path else "the in-memory image"
@@ -457,7 +527,7 @@ def _load_pil(image: Image.Image, max_pixels: int | None, owned: bool) -> Image.
         _bomb_warnings_filter(max_pixels)
         try:
             image.load()
-            return _finish(image, name, stacklevel=5, owned=owned)
+            return _finish(image, name, stacklevel=5, owned=owned, window=window)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
             raise _bomb_error(error, max_pixels, path, name) from error
         except (OSError, SyntaxError, ValueError, EOFError) as error:

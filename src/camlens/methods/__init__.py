@@ -10,7 +10,7 @@ from camlens.methods.attention import (
     find_attention,
     has_attention,
 )
-from camlens.methods.base import CAMMethod, MethodResult, Step
+from camlens.methods.base import CAMMethod, MethodResult, Step, volume_methods
 from camlens.methods.baseline import RandomCAM
 from camlens.methods.cam import CAM
 from camlens.methods.contrastive import FinerCAM, ShapleyCAM
@@ -75,4 +75,5 @@ __all__ = [
     "make_method",
     "methods_for",
     "options_for",
+    "volume_methods",
 ]

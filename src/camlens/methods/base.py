@@ -2,7 +2,9 @@
 
 Contract of every method: ``raw = method(x, targets)`` returns float32 maps (N, K, h, w) at
 the feature layer's resolution, *signed and un-normalised*: no ReLU, no upsampling, no
-rescaling. ``Explanation.maps`` derives the [0, 1] input-size maps from them.
+rescaling. ``Explanation.maps`` derives the [0, 1] input-size maps from them. Conv3d models
+take volumes (N, C, D, H, W) and give (N, K, d, h, w) maps, with the methods whose class sets
+``volumes`` (``volume_methods()``: CAM and the gradient family); the others refuse volumes.
 
 Methods only ever see (N, C, h, w) feature maps: a transformer layer's tokens (N, T, C) or
 channels-last maps (N, h, w, C) are converted here, once, by the capture
@@ -208,6 +210,10 @@ class CAMMethod:
     #: Whether averaging the maps of flipped / brightened copies of the input means anything
     #: (False for maps that do not depend on the input, e.g. the random baseline).
     aug_smooth_applies: ClassVar[bool] = True
+    #: Whether the method explains 3-D inputs (N, C, D, H, W) of Conv3d models, whose feature
+    #: maps are (N, C, d, h, w): its formula treats the spatial dimensions generally. Other
+    #: methods refuse a volume (``volume_methods`` lists those that explain one).
+    volumes: ClassVar[bool] = False
     #: Whether the method explains a ``camlens.targets.Similarity`` target: its maps come from
     #: ``Step.scores`` (gradients: ``target_gradients(..., scores=step.scores)``; perturbations:
     #: ``similarity_of``) or do not depend on the target. False: refused with
@@ -317,11 +323,15 @@ class CAMMethod:
         return self.run(x, targets).raw
 
     def run(self, x: torch.Tensor, targets: Target = "top1") -> MethodResult:
-        """Compute the raw maps of ``targets`` for the batch ``x`` (N, C, H, W)."""
-        if not isinstance(x, torch.Tensor) or x.ndim != 4:
+        """Compute the raw maps of ``targets`` for the batch ``x`` (N, C, H, W), or for a
+        batch of volumes (N, C, D, H, W) with a method that explains them (``volumes``)."""
+        if not isinstance(x, torch.Tensor) or x.ndim not in (4, 5):
             raise ConfigError(
-                f"expected an image batch (N, C, H, W), got {getattr(x, 'shape', type(x))}"
+                "expected an image batch (N, C, H, W) or a volume batch (N, C, D, H, W), got "
+                f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}"
             )
+        if x.ndim == 5:
+            self.check_volumes()
         if x.is_inference():
             x = x.clone()
         similarity = self.similarity_target(targets)
@@ -343,6 +353,24 @@ class CAMMethod:
         if not (self.eigen_smooth or self.aug_smooth):  # else not the method's own map
             self.check(result)
         return result
+
+    def check_volumes(self) -> None:
+        """Refuse a volume batch when this method (or its options) cannot explain one.
+
+        Raises:
+            ConfigError: naming the method and the methods that explain volumes.
+        """
+        if not self.volumes:
+            raise ConfigError(
+                f"{self.name} cannot explain a 3-D volume (N, C, D, H, W): its maps are built "
+                "for 2-D feature maps (h, w); methods that explain volumes: "
+                f"{', '.join(volume_methods())}"
+            )
+        if self.eigen_smooth or self.aug_smooth:
+            raise ConfigError(
+                f"{self.name} on a 3-D volume: eigen_smooth and aug_smooth are not supported "
+                "for volumes; leave them off"
+            )
 
     def _explain(
         self, x: torch.Tensor, targets: Target
@@ -405,8 +433,9 @@ class CAMMethod:
         with torch.inference_mode():
             logits = select_logits(self.module(x), self.output)
         ids = resolve_targets(targets, logits, self.labels)
-        spread = (x.amax(dim=(1, 2, 3)) - x.amin(dim=(1, 2, 3))).float()
-        sigma = (self.smooth_sigma * spread).to(x.dtype).view(-1, 1, 1, 1)
+        flat = x.flatten(1)
+        spread = (flat.amax(dim=1) - flat.amin(dim=1)).float()
+        sigma = (self.smooth_sigma * spread).to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
         total = None
         for _ in range(self.smooth):
             noisy = x + torch.randn_like(x) * sigma
@@ -569,8 +598,9 @@ class CAMMethod:
 
     @staticmethod
     def combine(weights: torch.Tensor, activation: torch.Tensor) -> torch.Tensor:
-        """Weighted sum over channels: (N, K, C) x (N, C, h, w) -> (N, K, h, w)."""
-        return torch.einsum("nkc,nchw->nkhw", weights.to(activation.dtype), activation)
+        """Weighted sum over channels: (N, K, C) x (N, C, *spatial) -> (N, K, *spatial)
+        (spatial: (h, w), or (d, h, w) for a volume)."""
+        return torch.einsum("nkc,nc...->nk...", weights.to(activation.dtype), activation)
 
     def channel_weights(self, step: Step) -> torch.Tensor:
         """Return (N, K, C) weights of the channels of ``step.activation`` for each of
@@ -671,6 +701,34 @@ class EmbeddingCapture:
                 'Similarity(reference, layer="...")'
             )
         return self.value
+
+
+def spatial_dims(tensor: torch.Tensor, leading: int) -> tuple[int, ...]:
+    """The dimensions of ``tensor`` after its ``leading`` ones: (h, w) or (d, h, w) positions.
+
+    Example:
+        >>> spatial_dims(torch.zeros(1, 2, 3, 4, 5, 6), 3)
+        (3, 4, 5)
+    """
+    return tuple(range(leading, tensor.ndim))
+
+
+def volume_methods() -> list[str]:
+    """The names of the methods that explain 3-D volumes (their class has ``volumes``).
+
+    Example:
+        >>> import camlens.methods
+        >>> "gradcam" in volume_methods(), "scorecam" in volume_methods()
+        (True, False)
+    """
+    names: list[str] = []
+    pending = list(CAMMethod.__subclasses__())
+    while pending:
+        cls = pending.pop(0)
+        pending.extend(cls.__subclasses__())
+        if cls.volumes and not cls.name.startswith(("base", "_")) and cls.name not in names:
+            names.append(cls.name)
+    return names
 
 
 def similarity_methods() -> list[str]:

@@ -26,6 +26,7 @@ class RandomCAM(CAMMethod):
     """
 
     name = "random"
+    volumes = True
     score_targets = True
     aug_smooth_applies = False
 
@@ -37,5 +38,5 @@ class RandomCAM(CAMMethod):
         self.generator = torch.Generator().manual_seed(seed)
 
     def compute_raw(self, step: Step) -> torch.Tensor:
-        shape = (*step.targets.shape, *step.activation.shape[-2:])
+        shape = (*step.targets.shape, *step.activation.shape[2:])
         return torch.rand(shape, generator=self.generator).to(step.activation.device)

@@ -25,11 +25,15 @@ class CAM(CAMMethod):
     Zhou, Khosla, Lapedriza, Oliva, Torralba, "Learning Deep Features for Discriminative
     Localization", CVPR 2016.
 
+    Conv3d models (input (N, C, D, H, W), GAP over (d, h, w) + linear) work the same way: the
+    maps are (N, K, d, h, w) and the identity holds with the mean over (d, h, w).
+
     Raises:
         ConfigError: the model's head is not GAP + one linear layer (e.g. VGG); use GradCAM.
     """
 
     name = "cam"
+    volumes = True
     similarity_refusal = (
         "CAM weighs the feature maps with a class's weights in the final linear layer, and a "
         "similarity is not a class"
@@ -54,5 +58,5 @@ class CAM(CAMMethod):
         bias = self._linear().bias
         bias = bias.detach()[result.targets].float() if bias is not None else 0.0
         scores = result.logits.gather(1, result.targets).float()
-        error = result.raw.mean(dim=(-2, -1)) + bias - scores
+        error = result.raw.flatten(2).mean(dim=-1) + bias - scores
         result.identity_error = float(error.abs().max()) if error.numel() else 0.0

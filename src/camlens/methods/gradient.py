@@ -3,11 +3,14 @@ XGrad-CAM, Layer-CAM.
 
 All of them differentiate the target's logit ``y_c`` (pre-softmax score) with respect to the
 feature layer's output ``A`` only (``CAMMethod.target_gradients``), and compute in float32
-whatever the model's dtype. ``g = d y_c / d A`` below.
+whatever the model's dtype. ``g = d y_c / d A`` below. Every one of them also explains Conv3d
+models: "spatial" sums and means run over (h, w) or (d, h, w) alike (``volumes``), and on a
+GAP + linear 3-D head Grad-CAM equals CAM divided by ``d * h * w``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from camlens.errors import ConfigError
-from camlens.methods.base import CAMMethod, LayerSpec, Step
+from camlens.methods.base import CAMMethod, LayerSpec, Step, spatial_dims
 
 
 class GradCAM(CAMMethod):
@@ -39,10 +42,11 @@ class GradCAM(CAMMethod):
     name = "gradcam"
     needs_gradients = True
     score_targets = True
+    volumes = True
 
     def channel_weights(self, step: Step) -> torch.Tensor:
         grads = self.target_gradients(step.activation, step.logits, step.targets, step.scores)
-        return grads.mean(dim=(-2, -1))
+        return grads.mean(dim=spatial_dims(grads, 3))
 
 
 class _Float32GradientMethod(CAMMethod):
@@ -92,13 +96,15 @@ class GradCAMPlusPlus(_Float32GradientMethod):
     """
 
     name = "gradcam++"
+    volumes = True
 
     def channel_weights(self, step: Step) -> torch.Tensor:
         grads, maps = self.float_gradients(step)
-        totals = maps.sum(dim=(-2, -1))[:, None, :, None, None]
+        where = spatial_dims(grads, 3)
+        totals = maps.sum(dim=spatial_dims(maps, 2)).view(*maps.shape[:2], *([1] * len(where)))
         squared = grads.square()
-        alpha = _divide_or_zero(squared, 2 * squared + totals * squared * grads)
-        return (alpha * grads.relu()).sum(dim=(-2, -1))
+        alpha = _divide_or_zero(squared, 2 * squared + totals[:, None] * squared * grads)
+        return (alpha * grads.relu()).sum(dim=where)
 
 
 class HiResCAM(_Float32GradientMethod):
@@ -117,6 +123,7 @@ class HiResCAM(_Float32GradientMethod):
     """
 
     name = "hirescam"
+    volumes = True
 
     def compute_raw(self, step: Step) -> torch.Tensor:
         grads, maps = self.float_gradients(step)
@@ -143,6 +150,7 @@ class GradCAMElementWise(_Float32GradientMethod):
     """
 
     name = "gradcamelementwise"
+    volumes = True
 
     def compute_raw(self, step: Step) -> torch.Tensor:
         grads, maps = self.float_gradients(step)
@@ -168,11 +176,13 @@ class XGradCAM(_Float32GradientMethod):
     """
 
     name = "xgradcam"
+    volumes = True
 
     def channel_weights(self, step: Step) -> torch.Tensor:
         grads, maps = self.float_gradients(step)
-        totals = maps.sum(dim=(-2, -1))[:, None]
-        return _divide_or_zero((grads * maps[:, None]).sum(dim=(-2, -1)), totals)
+        totals = maps.sum(dim=spatial_dims(maps, 2))[:, None]
+        products = grads * maps[:, None]
+        return _divide_or_zero(products.sum(dim=spatial_dims(products, 3)), totals)
 
 
 class LayerCAM(_Float32GradientMethod):
@@ -200,6 +210,7 @@ class LayerCAM(_Float32GradientMethod):
     """
 
     name = "layercam"
+    volumes = True
     fuses_layers = True
 
     def __init__(
@@ -238,9 +249,10 @@ def fuse_maps(maps: Sequence[torch.Tensor], gamma: float | None = 2.0) -> torch.
     Each map is normalised to ``relu(M) / max(M)`` (zero where it has no positive value),
     scaled by ``tanh(gamma * M)`` unless ``gamma`` is None, upsampled bilinearly to the
     largest resolution among the maps, and the maps are combined by element-wise maximum.
+    Maps of volumes (N, K, d, h, w) are upsampled trilinearly.
 
     Parameters:
-        maps: one (N, K, h, w) tensor per layer.
+        maps: one (N, K, h, w) (or (N, K, d, h, w)) tensor per layer.
         gamma: the scaling of Layer-CAM's Eq. 9 (2.0), or None for none.
 
     Returns:
@@ -250,20 +262,20 @@ def fuse_maps(maps: Sequence[torch.Tensor], gamma: float | None = 2.0) -> torch.
         >>> fuse_maps([torch.ones(1, 1, 2, 2), torch.zeros(1, 1, 4, 4)], gamma=None).shape
         torch.Size([1, 1, 4, 4])
     """
-    size = max((m.shape[-2:] for m in maps), key=lambda s: s[0] * s[1])
+    size = tuple(max((m.shape[2:] for m in maps), key=lambda s: math.prod(s)))
     fused = None
     for layer_map in maps:
         positive = layer_map.float().relu()
-        peak = positive.amax(dim=(-2, -1), keepdim=True)
+        peak = positive.amax(dim=spatial_dims(positive, 2), keepdim=True)
         scaled = torch.where(peak > 0, positive / peak.clamp_min(1e-30), torch.zeros_like(positive))
         if gamma is not None:
             scaled = torch.tanh(gamma * scaled)
-        if scaled.shape[-2:] != size:
-            n, k, h, w = scaled.shape
+        if tuple(scaled.shape[2:]) != size:
+            n, k = scaled.shape[:2]
             scaled = F.interpolate(
-                scaled.reshape(n * k, 1, h, w),
-                size=tuple(size),
-                mode="bilinear",
+                scaled.reshape(n * k, 1, *scaled.shape[2:]),
+                size=size,
+                mode="bilinear" if len(size) == 2 else "trilinear",
                 align_corners=False,
             ).reshape(n, k, *size)
         fused = scaled if fused is None else torch.maximum(fused, scaled)

@@ -31,26 +31,19 @@ from camlens.targets import Target, resolve_targets
 Explained = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-class _GuidedRectifier(torch.autograd.Function):
-    """Identity on a rectifier's output ``y`` whose backward keeps ``g`` only where ``y > 0``
-    and ``g > 0`` (the guided rule). Applied after ``relu`` (or ``relu6``), whose own backward
-    then masks the input (``x > 0``, and ``x < 6`` for ReLU6): together the guided gradient
-    ``g * [x > 0] * [g > 0]``. Applying it twice changes nothing (the masks are idempotent)."""
-
-    @staticmethod
-    def forward(ctx: Any, output: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(output)
-        return output.clone()
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        (output,) = ctx.saved_tensors
-        keep = (output > 0) & (grad > 0)
-        return torch.where(keep, grad, torch.zeros_like(grad))
+def _keep_positive(grad: torch.Tensor) -> torch.Tensor:
+    return grad.clamp(min=0)
 
 
 def _guide(output: object) -> object:
-    return _GuidedRectifier.apply(output) if isinstance(output, torch.Tensor) else output
+    """Make the gradient that reaches a rectifier's output non-negative (a tensor hook), so
+    that the rectifier's own backward, which masks its input (``x > 0``, and ``x < 6`` for
+    ReLU6), gives the guided gradient ``g * [x > 0] * [g > 0]``. No copy of the output and
+    nothing saved: a second hook on the same output changes nothing (clamping is
+    idempotent). Outputs outside autograd (no gradient wanted) are left alone."""
+    if isinstance(output, torch.Tensor) and output.requires_grad:
+        output.register_hook(_keep_positive)
+    return output
 
 
 #: Functions whose result ``_GuidedFunctions`` guides (the functional ReLUs).
@@ -68,8 +61,8 @@ GUIDED_FUNCTIONS: frozenset[Callable[..., Any]] = frozenset(
 
 
 class _GuidedFunctions(TorchFunctionMode):
-    """While active, the result of every functional ReLU call (``GUIDED_FUNCTIONS``) is passed
-    through ``_GuidedRectifier``. Other functions run unchanged."""
+    """While active, the result of every functional ReLU call (``GUIDED_FUNCTIONS``) gets the
+    guided gradient (``_guide``). Other functions run unchanged."""
 
     def __torch_function__(
         self,
@@ -83,8 +76,8 @@ class _GuidedFunctions(TorchFunctionMode):
 
 
 class _GuidedModule(ForwardHook):
-    """A forward hook on one ``nn.ReLU`` / ``nn.ReLU6`` that returns its output passed
-    through ``_GuidedRectifier`` (works for in-place ReLUs: the module's own output is kept)."""
+    """A forward hook on one ``nn.ReLU`` / ``nn.ReLU6`` that gives its output the guided
+    gradient (``_guide``; works for in-place ReLUs: the module's own output is kept)."""
 
     def _hook(self, module: nn.Module, inputs: object, output: object) -> object:
         return _guide(output)

@@ -16,6 +16,7 @@ refusing random ones are the users' business, not this module's.
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable
 from functools import partial
 from types import ModuleType
@@ -162,16 +163,21 @@ def _vision_library(library: str) -> ModuleType:
 def _torchvision_builder(name: str) -> Callable[..., nn.Module]:
     torchvision = _vision_library("torchvision")
     try:
-        torchvision.models.get_model_builder(name)
+        builder = torchvision.models.get_model_builder(name)
     except ValueError as error:
         raise ConfigError(
             f"torchvision has no model {name!r}: {error} (torchvision.models.list_models() "
             "lists them)"
         ) from error
+    # Detection and segmentation builders default their backbone to ImageNet weights, which
+    # they would download: loading a model never reaches for the network.
+    offline = {"weights": None}
+    if "weights_backbone" in inspect.signature(builder).parameters:
+        offline["weights_backbone"] = None
 
     def build(**options) -> nn.Module:
         try:
-            return torchvision.models.get_model(name, weights=None, **options)
+            return torchvision.models.get_model(name, **offline, **options)
         except ValueError as error:
             raise ConfigError(f"cannot build torchvision:{name}: {error}") from error
 

@@ -14,7 +14,10 @@ and CSS (no JavaScript, nothing remote); the figures are PNG files beside it:
 * ``figures/flags/<n>_paste_<j>_before.png`` / ``_after.png`` and ``..._erase_...``: the
   counterfactual examples;
 * ``figures/worst/<class>_<j>.png``: with annotations, the images whose map lies most
-  outside the object (the image with its stored grid map over it).
+  outside the object (the image with its stored grid map over it);
+* ``figures/patterns/<class>_<k>_exemplar.png`` and ``..._at<j>.png``: a moving pattern's
+  exemplar (its region cut from the original image; the flag's ``exemplar``) and images
+  where it was found, its box outlined.
 
 Everything is drawn from the result, the fold's summary (``camlens.shortcuts.AuditSummary``:
 statistics, clusters, the counterfactual examples) and the map pass's stored records (the grid
@@ -41,6 +44,7 @@ from camlens.report.html import render_template
 from camlens.shortcuts.confirm import Confirmation
 from camlens.shortcuts.core import AuditSummary, ClassFinding, describe_place
 from camlens.shortcuts.find import ClassMapStats
+from camlens.shortcuts.moving import Pattern
 from camlens.writers import safe_name, write_png, write_text
 
 __all__ = ["write_audit_report"]
@@ -50,6 +54,7 @@ _SIDE = 192
 _THUMB = 128
 _CONFIRMED = (230, 30, 30)
 _CANDIDATE = (255, 255, 255)
+_LOCATIONS_SHOWN = 6
 
 
 def write_audit_report(
@@ -128,7 +133,11 @@ def write_audit_report(
             key: [{k: v for k, v in ex.items() if k != "caption"} for ex in examples]
             for key, examples in figures.items()
         }
-        flags.append({"flag": flag, "examples": figures, "place": _place(flag["box"])})
+        card = {"flag": flag, "examples": figures, "place": _place(flag["box"]), "pattern": None}
+        if flag["kind"] == "moving-pattern":
+            card["pattern"] = _pattern_figures(folder, flag)
+            card["place"] = "at varying places"
+        flags.append(card)
     html = _render(result, classes, others, flags, title)
     return write_text(folder.path("report.html"), html)
 
@@ -289,6 +298,42 @@ def _flag_figures(
     return figures
 
 
+def _pattern_figures(folder: OutputFolder, flag: Mapping[str, Any]) -> dict[str, Any]:
+    """A moving pattern's exemplar (its box cut from the original image, enlarged, written to
+    the flag's ``exemplar``) and the first images where it was found, the box outlined."""
+    stem = flag["exemplar"].removesuffix("_exemplar.png")
+    exemplar = None
+    try:
+        image = load_image(flag["exemplar_image"])
+    except ImageLoadError:
+        image = None
+    if image is not None:
+        width, height = image.size
+        x0, y0, x1, y1 = flag["box"]
+        left, top = round(x0 * width), round(y0 * height)
+        crop = image.crop(
+            (left, top, max(left + 1, round(x1 * width)), max(top + 1, round(y1 * height)))
+        )
+        exemplar = flag["exemplar"]
+        write_png(folder.path(exemplar), _enlarge(crop, _THUMB))
+    places = []
+    for j, location in enumerate(flag["locations"][:_LOCATIONS_SHOWN]):
+        try:
+            picture = _thumbnail(load_image(location["image"]), _THUMB)
+        except ImageLoadError:
+            continue
+        _outline(picture, location["box"], _CONFIRMED if flag["confirmed"] else (0, 160, 255))
+        relative = f"{stem}_at{j}.png"
+        write_png(folder.path(relative), picture)
+        places.append(
+            {
+                "src": relative,
+                "caption": f"{Path(location['image']).name}: {_place(location['box'])}",
+            }
+        )
+    return {"exemplar": exemplar, "locations": places, "n_locations": len(flag["locations"])}
+
+
 def _pair(folder: OutputFolder, stem: str, example: Mapping[str, Any]) -> tuple[str, str]:
     before = _enlarge(Image.fromarray(example["before"]), _THUMB)
     after = Image.fromarray(example["after"])
@@ -307,10 +352,22 @@ def _pair(folder: OutputFolder, stem: str, example: Mapping[str, Any]) -> tuple[
 def _confirmation_of(finding: ClassFinding | None, flag: Mapping[str, Any]) -> Confirmation | None:
     if finding is None:
         return None
+    if flag["kind"] == "moving-pattern":
+        for pattern, confirmation in zip(
+            finding.patterns, finding.pattern_confirmations, strict=True
+        ):
+            if _is_flag_of(pattern, flag):
+                return confirmation
+        return None
     for hotspot, confirmation in zip(finding.hotspot_records, finding.confirmations, strict=True):
         if hotspot["box"] == flag["box"]:
             return confirmation
     return None
+
+
+def _is_flag_of(pattern: Pattern, flag: Mapping[str, Any]) -> bool:
+    box = [round(v, 4) for v in pattern.boxes[pattern.exemplar]]
+    return pattern.sources[pattern.exemplar] == flag["exemplar_image"] and box == flag["box"]
 
 
 def _resize_map(values: np.ndarray, size: tuple[int, int], *, nearest: bool = False) -> np.ndarray:

@@ -43,6 +43,7 @@ __all__ = [
     "EraseTest",
     "PasteTest",
     "confirm_hotspot",
+    "decide",
     "erase_regions",
     "erase_test",
     "flip_outcomes",
@@ -496,6 +497,18 @@ def confirm_hotspot(
     erased = erase_test(
         classifier, cls, box, donors, rng, mode=erase, batch_size=batch_size, before=donor_probs
     )
+    return decide(paste, erased, rule, n_tests)
+
+
+def decide(paste: PasteTest, erased: EraseTest, rule: ConfirmRule, n_tests: int) -> Confirmation:
+    """Apply ``rule`` to both tests of one candidate (Bonferroni over ``n_tests``).
+
+    Example:
+        >>> paste, erased = PasteTest(20, 18, 1, 1e-5), EraseTest(20, 0.9, 0.2, 0.85, 1e-6)
+        >>> c = decide(paste, erased, ConfirmRule(), n_tests=4)
+        >>> c.paste_confirms, c.erase_confirms, c.alpha
+        (True, True, 0.0025)
+    """
     alpha = rule.alpha / max(n_tests, 1)
     paste_confirms = (
         paste.n >= rule.min_pairs

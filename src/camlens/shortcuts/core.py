@@ -39,8 +39,9 @@ from camlens.shortcuts.find import (
     find_hotspots,
     heat_share,
 )
+from camlens.shortcuts.moving import Pattern, PatternCollector, PatternSettings, find_patterns
 from camlens.shortcuts.spray import ClassReservoirs, SprayResult, spectral_relevance_analysis
-from camlens.writers import Closing
+from camlens.writers import Closing, safe_name
 
 __all__ = [
     "THUMB_SIDE",
@@ -48,8 +49,10 @@ __all__ = [
     "AuditSettings",
     "AuditSummary",
     "ClassFinding",
+    "box_on_object",
     "build_result",
     "describe_place",
+    "exemplar_path",
     "find_classes",
     "object_grid",
     "summary_sentences",
@@ -86,6 +89,8 @@ class AuditSettings:
         object_overlap: with annotations, a hotspot whose cells are on the object in at least
             this share of the class's images is the usual place of the object, not a shortcut.
         rule: when a hotspot is confirmed (see ``camlens.shortcuts.confirm``).
+        patterns: the search for small patterns that move (``camlens.shortcuts.moving``); by
+            default on annotated images only, off the object.
 
     Example:
         >>> AuditSettings(confirm_images=60).check().confirm_images
@@ -107,6 +112,7 @@ class AuditSettings:
     margin_cells: float = 1.0
     object_overlap: float = 0.5
     rule: ConfirmRule = field(default_factory=ConfirmRule)
+    patterns: PatternSettings = field(default_factory=PatternSettings)
 
     def check(self) -> AuditSettings:
         """These settings, after checking them (a bad value is a ``ConfigError``, raised
@@ -125,6 +131,7 @@ class AuditSettings:
             problems.append(f"erase must be one of {', '.join(ERASE_MODES)}, got {self.erase!r}")
         if problems:
             raise ConfigError("bad audit settings: " + "; ".join(problems))
+        self.patterns.check()
         return self
 
 
@@ -141,6 +148,8 @@ class ClassFinding:
         spray_sources: the image file of each sampled map (for the clusters' exemplars).
         confirmations: per hotspot, its counterfactual tests (None: not tested); filled in
             after the fold, by ``camlens.shortcuts.counterfactuals.confirm_findings``.
+        patterns: the class's candidate moving patterns (``camlens.shortcuts.moving``).
+        pattern_confirmations: per pattern, its counterfactual tests (None: not tested).
     """
 
     index: int
@@ -149,6 +158,8 @@ class ClassFinding:
     spray: SprayResult | None = None
     spray_sources: list[str] = field(default_factory=list)
     confirmations: list[Confirmation | None] = field(default_factory=list)
+    patterns: list[Pattern] = field(default_factory=list)
+    pattern_confirmations: list[Confirmation | None] = field(default_factory=list)
 
 
 @dataclass
@@ -226,6 +237,9 @@ class AuditFold(Closing):
         )
         self.reservoirs = ClassReservoirs(settings.spray_maps, seed)
         self.spool = TopCellSpool(settings.grid)
+        self.patterns = (
+            PatternCollector(settings.patterns, seed) if settings.patterns.mode != "off" else None
+        )
         self.correct: dict[int, int] = {}
         self.errors: list[dict[str, str]] = []
         self.layer = layer
@@ -247,6 +261,7 @@ class AuditFold(Closing):
         *,
         layer: str | None = None,
         feature_size: Sequence[int] | None = None,
+        regions: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
     ) -> None:
         """Fold a group of readable images (consecutive in input order).
 
@@ -257,6 +272,9 @@ class AuditFold(Closing):
             sizes: ``(width, height)`` of each original image.
             thumbs: (n, 3, S, S) images in [0, 1] (for the mean images), or None.
             layer, feature_size: the explained layer and the ``(h, w)`` of its raw maps.
+            regions: per image, its small hot regions ``(boxes, features)``: (R, 4+) boxes as
+                fractions (further columns ignored) and (R, C) feature vectors (see
+                ``camlens.shortcuts.moving``); None: no pattern search for these images.
         """
         if not len(indices):
             return
@@ -278,11 +296,35 @@ class AuditFold(Closing):
             self.reservoirs.add(cls, (int(index), source, small[row].astype(np.float32)))
             self.correct[cls] = self.correct.get(cls, 0) + int(int(predicted[row]) == cls)
             annotation = self.by_image.get(str(Path(source).resolve())) if self.by_image else None
+            obj = None
             if annotation is not None:
                 size = annotation.size or tuple(sizes[row])
                 obj = object_grid(annotation, self.labels[cls], size, self.settings.grid)
                 if obj is not None:
                     self.accumulator.add_object(cls, int(index), source, maps[row].numpy(), obj)
+            if regions is not None:
+                self._add_regions(cls, int(index), source, regions[row], obj)
+
+    def _add_regions(
+        self,
+        cls: int,
+        index: int,
+        source: str,
+        regions: tuple[np.ndarray, np.ndarray],
+        obj: np.ndarray | None,
+    ) -> None:
+        """Offer one image's hot regions to the pattern search (those touching the object
+        dropped, see ``PatternSettings.max_on_object``; in mode ``"annotated"``, images
+        without an object are left out)."""
+        if self.patterns is None or (obj is None and self.settings.patterns.mode == "annotated"):
+            return
+        boxes, features = regions
+        boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, np.asarray(boxes).shape[-1])[:, :4]
+        on_object = None
+        if obj is not None:
+            limit = self.settings.patterns.max_on_object
+            on_object = np.array([box_on_object(box, obj) > limit for box in boxes], dtype=bool)
+        self.patterns.add(cls, index, source, boxes, features, on_object)
 
     def finish(self) -> AuditSummary:
         """Find every audited class's hotspots and clusters; the summary of the fold."""
@@ -295,6 +337,7 @@ class AuditFold(Closing):
                 self.settings,
                 self.feature_size,
                 self.seed,
+                self.patterns,
             )
         finally:
             self.spool.close()
@@ -345,6 +388,21 @@ def object_grid(
     return obj
 
 
+def box_on_object(box: Sequence[float], obj: np.ndarray) -> float:
+    """Share of the grid cells of ``box`` (fractions, outward rounding) on the object mask.
+
+    Example:
+        >>> obj = np.zeros((4, 4), dtype=bool); obj[:, :2] = True
+        >>> box_on_object((0.25, 0.0, 0.75, 0.25), obj)
+        0.5
+    """
+    rows, cols = obj.shape
+    c0, r0 = int(np.floor(box[0] * cols + 1e-9)), int(np.floor(box[1] * rows + 1e-9))
+    c1, r1 = int(np.ceil(box[2] * cols - 1e-9)), int(np.ceil(box[3] * rows - 1e-9))
+    cells = obj[max(r0, 0) : max(r1, r0 + 1), max(c0, 0) : max(c1, c0 + 1)]
+    return float(cells.mean()) if cells.size else 0.0
+
+
 def find_classes(
     accumulator: MapAccumulator,
     spool: TopCellSpool,
@@ -353,8 +411,10 @@ def find_classes(
     settings: AuditSettings,
     feature_size: tuple[int, int],
     seed: int,
+    patterns: PatternCollector | None = None,
 ) -> dict[int, ClassFinding]:
-    """Hotspots and SpRAy clusters of every audited class with enough images."""
+    """Hotspots, SpRAy clusters and (with ``patterns``) candidate moving patterns of every
+    audited class with enough images."""
     findings: dict[int, ClassFinding] = {}
     for cls in sorted(accumulator.stats):
         stats = accumulator.stats[cls]
@@ -376,6 +436,14 @@ def find_classes(
             seed=seed,
         )
         finding.spray_sources = [source for _, source, _ in sample]
+        if patterns is not None:
+            places = [
+                widen_box(h.box, feature_size, settings.margin_cells) for h in finding.hotspots
+            ]
+            finding.patterns = [
+                p for p in find_patterns(patterns, cls, seed=seed) if not _stays_in(p, places)
+            ]
+        finding.pattern_confirmations = [None] * len(finding.patterns)
         findings[cls] = finding
     questions = [(cls, h.region) for cls, f in findings.items() for h in f.hotspots]
     affected = iter(spool.count_covering(questions, settings.min_cover))
@@ -406,6 +474,18 @@ def find_classes(
             finding.hotspot_records.append(record)
         finding.confirmations = [None] * len(finding.hotspots)
     return findings
+
+
+def _stays_in(pattern: Pattern, places: Sequence[Sequence[float]]) -> bool:
+    """Whether most of a pattern's locations lie in one of the class's hotspots (a fixed
+    place, found and tested as such)."""
+    if not places:
+        return False
+    inside = 0
+    for x0, y0, x1, y1 in pattern.boxes:
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        inside += any(b[0] <= cx <= b[2] and b[1] <= cy <= b[3] for b in places)
+    return inside >= len(pattern.boxes) / 2
 
 
 def widen_box(
@@ -493,6 +573,19 @@ def build_result(
                 entry["hotspots"].append(hotspot)
                 flags.append(_flag(labels[cls], stats.count, record, confirmation))
             entry["clusters"] = _clusters(finding)
+            entry["patterns"] = []
+            for k, (pattern, confirmation) in enumerate(
+                zip(finding.patterns, finding.pattern_confirmations, strict=True)
+            ):
+                flag = _pattern_flag(labels[cls], stats.count, pattern, confirmation)
+                flag["exemplar"] = exemplar_path(labels[cls], k)
+                entry["patterns"].append(
+                    {
+                        **{k: flag[k] for k in _PATTERN_KEYS},
+                        **({"tests": confirmation.to_dict()} if confirmation else {}),
+                    }
+                )
+                flags.append(flag)
         classes[labels[cls]] = entry
     flags.sort(key=lambda f: (not f["confirmed"], -f["severity"], -f["images_affected"]))
     return {
@@ -562,6 +655,58 @@ def _flag(
     return flag
 
 
+_PATTERN_KEYS = (
+    "box",
+    "exemplar",
+    "images_affected",
+    "n_sampled",
+    "frequency",
+    "other_share",
+    "spread",
+    "exemplar_image",
+    "locations",
+    "confirmed",
+)
+
+
+def _pattern_flag(
+    label: str, n_images: int, pattern: Pattern, confirmation: Confirmation | None
+) -> dict[str, Any]:
+    """One row of ``flags`` for a moving pattern: where it was found (``locations``: image
+    and box as fractions, one per sampled image where it was found), the exemplar's box and
+    image, and the test numbers. ``exemplar`` is the path of its picture in the output
+    folder (``exemplar_path``; the report writes it)."""
+    record = {
+        "kind": "moving-pattern",
+        "box": [round(v, 4) for v in pattern.boxes[pattern.exemplar]],
+        "images_affected": len(pattern.sources),
+        "heat_share": None,
+        "frequency": round(pattern.share, 4),
+        "object_overlap": None,
+    }
+    flag = _flag(label, n_images, record, confirmation)
+    flag.update(
+        n_sampled=pattern.n_sampled,
+        other_share=round(pattern.other_share, 4),
+        spread=round(pattern.spread, 4),
+        exemplar=None,
+        exemplar_image=pattern.sources[pattern.exemplar],
+        locations=pattern.locations(),
+    )
+    return flag
+
+
+def exemplar_path(label: str, k: int) -> str:
+    """Where the report writes the exemplar of class ``label``'s ``k``-th moving pattern,
+    relative to the output folder.
+
+    Example:
+        >>> exemplar_path("square", 0)
+        'figures/patterns/square_0_exemplar.png'
+    """
+    return f"figures/patterns/{safe_name(label, fallback='class')}_{k}_exemplar.png"
+
+
 def _clusters(finding: ClassFinding) -> dict[str, Any]:
     spray = finding.spray
     if spray is None:
@@ -613,6 +758,13 @@ def summary_sentences(flags: Sequence[dict[str, Any]], *, has_annotations: bool)
     for flag in confirmed:
         label, place = flag["class"], describe_place(flag["box"])
         what = (
+            "a small pattern that moves (found at varying places on "
+            f"{percent(flag['frequency'])} of its sampled images; exemplar in "
+            f"{Path(flag['exemplar_image']).name}, {place})"
+            if flag.get("kind") == "moving-pattern"
+            else None
+        )
+        what = what or (
             f"a region {place} of the image that is not the object"
             if has_annotations and flag["object_overlap"] is not None
             else f"a fixed region {place} of the image (the same place on "
@@ -634,13 +786,23 @@ def summary_sentences(flags: Sequence[dict[str, Any]], *, has_annotations: bool)
             )
         lines.append(f"Class {label} depends on {what}: {'; '.join(evidence)}.")
     unconfirmed = [f for f in flags if not f["confirmed"]]
+    moving = sum(f.get("kind") == "moving-pattern" for f in unconfirmed)
     if not confirmed:
+        candidates = []
+        if len(unconfirmed) > moving:
+            candidates.append(
+                f"{len(unconfirmed) - moving} candidate region(s) were hot on many images at "
+                "the same place"
+            )
+        if moving:
+            candidates.append(
+                f"{moving} candidate pattern(s) were hot on many images at varying places"
+            )
         lines.append(
             "No confirmed shortcut: "
             + (
-                f"{len(unconfirmed)} candidate region(s) were hot on many images at the same "
-                "place, but changing them did not change the predictions clearly more than "
-                "changing random regions."
+                f"{' and '.join(candidates)}, but changing them did not change the predictions "
+                "clearly more than changing random regions."
                 if unconfirmed
                 else "for every class the model looks at different places on different "
                 "images, as it should when the objects move."

@@ -1,5 +1,6 @@
 """The audit's confirmation step: paste and erase every fixed-region hotspot
-(``camlens.shortcuts.confirm``) on images drawn from the fold's SpRAy samples.
+(``camlens.shortcuts.confirm``) on images drawn from the fold's SpRAy samples, and every
+candidate moving pattern (``camlens.shortcuts.moving``) on the images where it was found.
 
 This runs the model (a few hundred forward passes), so it comes after the fold of the map pass,
 on the driver, and is never part of it.
@@ -17,6 +18,7 @@ from camlens.io.imagefolder import load_images
 from camlens.models import Classifier
 from camlens.shortcuts.confirm import confirm_hotspot, predict_probs
 from camlens.shortcuts.core import AuditSettings, AuditSummary
+from camlens.shortcuts.moving import confirm_pattern
 
 __all__ = ["class_images", "confirm_findings"]
 
@@ -30,7 +32,8 @@ def confirm_findings(
     seed: int = 0,
 ) -> None:
     """Run the counterfactual tests on every fixed-region hotspot of ``summary`` and store
-    them in its findings' ``confirmations`` (object-position hotspots stay untested).
+    them in its findings' ``confirmations`` (object-position hotspots stay untested); then on
+    every candidate moving pattern (``pattern_confirmations``). Bonferroni counts both.
 
     Every test's seed depends on its rank among the tested hotspots and ``seed``, so the same
     summary and seed give the same confirmations.
@@ -42,9 +45,12 @@ def confirm_findings(
         for i, record in enumerate(finding.hotspot_records)
         if record["kind"] == "fixed-region"
     ]
+    patterns = [(cls, k) for cls, finding in findings.items() for k in range(len(finding.patterns))]
+    n_tests = 2 * (len(tested) + len(patterns))
     cache: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
     for finding in findings.values():
         finding.confirmations = [None] * len(finding.hotspots)
+        finding.pattern_confirmations = [None] * len(finding.patterns)
     for number, (cls, i) in enumerate(tested):
         donors, donor_probs = class_images(
             classifier, summary, {cls}, settings, seed, batch_size, cache
@@ -60,12 +66,29 @@ def confirm_findings(
             donors,
             recipients,
             rule=settings.rule,
-            n_tests=2 * len(tested),
+            n_tests=n_tests,
             seed=seed + 7919 * (number + 1),
             erase=settings.erase,
             batch_size=batch_size,
             donor_probs=donor_probs,
             recipient_probs=recipient_probs,
+        )
+    for number, (cls, k) in enumerate(patterns, start=len(tested)):
+        others = set(reservoirs.by_key) - {cls}
+        recipients, recipient_probs = class_images(
+            classifier, summary, others, settings, seed, batch_size, cache
+        )
+        findings[cls].pattern_confirmations[k] = confirm_pattern(
+            classifier,
+            findings[cls].patterns[k],
+            recipients,
+            recipient_probs=recipient_probs,
+            rule=settings.rule,
+            n_tests=n_tests,
+            seed=seed + 7919 * (number + 1),
+            erase=settings.erase,
+            max_images=settings.confirm_images,
+            batch_size=batch_size,
         )
 
 

@@ -6,7 +6,10 @@ class, or the predicted class), and keep one record: ``input``, ``status``, ``er
 ``class`` (the audited class), ``predicted`` (top-1), ``size`` (original ``[width, height]``),
 ``layer``, ``feature_size`` (``[h, w]`` of the raw maps), and ``arrays``: ``map``, the
 normalised map on the ``grid x grid`` audit grid (float32), and ``thumb``, the image at
-64 x 64 in [0, 1] (float16, for the classes' mean images; 8-bit pictures lose nothing to it).
+64 x 64 in [0, 1] (float16, for the classes' mean images; 8-bit pictures lose nothing to it);
+unless the pattern search is off, ``regions``, the map's small hot regions (R, 5) float32
+(``x0, y0, x1, y1`` as fractions and the peak, ``camlens.shortcuts.moving.hot_regions``), and
+``region_features``, the feature layer's vector at each region's peak (R, C) float16.
 Nothing at the input size leaves ``process``. With an output folder the arrays go to
 ``maps/part-<first index>.npz`` beside ``maps.jsonl`` (about 28 kB per image, mostly the
 thumbnail); a killed audit resumes after its last complete batch.
@@ -31,12 +34,15 @@ import torch
 import torch.nn.functional as F
 
 from camlens.defaults import DEFAULT_MAX_PIXELS
+from camlens.errors import ConfigError
+from camlens.hooks import LayerCapture, get_layer
 from camlens.io.annotations import Annotation
 from camlens.localize import normalize_maps
 from camlens.methods import make_method
 from camlens.models import Classifier
 from camlens.pipeline import Item, OutputFolder, model_for_actors
 from camlens.shortcuts.core import THUMB_SIDE, AuditFold, AuditSettings, AuditSummary
+from camlens.shortcuts.moving import hot_regions, region_features
 from camlens.tasks.common import Loaded, load_input, model_settings, worker_model
 
 __all__ = ["FOLD_GROUP", "AuditInput", "AuditTask", "AuditWorker", "error_record"]
@@ -151,7 +157,25 @@ def _fold_group(fold: AuditFold, group: Sequence[tuple[int, dict[str, Any]]]) ->
         np.stack([np.asarray(record["arrays"]["thumb"], dtype=np.float32) for record in records]),
         layer=last.get("layer"),
         feature_size=last.get("feature_size"),
+        regions=_regions(records),
     )
+
+
+def _regions(records: Sequence[dict[str, Any]]) -> list[tuple[np.ndarray, np.ndarray]] | None:
+    """Each record's hot regions and their features (None when a record has none stored:
+    the pattern search was off)."""
+    regions = []
+    for record in records:
+        arrays = record["arrays"]
+        if "regions" not in arrays:
+            return None
+        regions.append(
+            (
+                np.asarray(arrays["regions"], dtype=np.float64),
+                np.asarray(arrays["region_features"], dtype=np.float32),
+            )
+        )
+    return regions
 
 
 class AuditWorker:
@@ -193,8 +217,9 @@ class AuditWorker:
             x = torch.cat([item.tensor for item, _ in good])
             known = [cls for _, cls in good]
             target = "top1" if known[0] is None else torch.tensor(known)  # one source per audit
-            result = self.method.run(x, target)
+            result, activations = self._run(x, target)
             maps = normalize_maps(result.raw[:, :1].float(), (self.grid, self.grid))[:, 0].cpu()
+            regions = self._regions(maps, activations)
             images = (x.float().cpu() * self._std + self._mean).clamp(0, 1)
             thumbs = F.interpolate(
                 images, size=(THUMB_SIDE, THUMB_SIDE), mode="bilinear", antialias=True
@@ -216,9 +241,68 @@ class AuditWorker:
                     "arrays": {
                         "map": maps[row].numpy().astype(np.float32),
                         "thumb": thumbs[row].numpy().astype(np.float16),
+                        **(regions[row] if regions is not None else {}),
                     },
                 }
         return [records[index] for index, _ in batch]
+
+    def _run(self, x: torch.Tensor, target: Any) -> tuple[Any, torch.Tensor | None]:
+        """The method's result and, for the pattern search, the feature layer's output of the
+        same forward pass (its first call: the clean input's, also for methods that run more);
+        None when the search is off or the method has no single feature layer (attention
+        rollout reads attention): such an audit has no moving patterns."""
+        head = None if self.task.search.patterns.mode == "off" else self._feature_head(x)
+        if head is None:
+            return self.method.run(x, target), None
+        layer = get_layer(self.classifier.module, head.feature_layer)
+        with LayerCapture(layer, call=head.call_index, layout=head.layout) as capture:
+            result = self.method.run(x, target)
+        try:
+            activation = capture.activation.detach()
+        except ConfigError:  # the layer did not run on this call
+            return result, None
+        return result, activation if activation.ndim == 4 else None
+
+    def _feature_head(self, x: torch.Tensor) -> Any:
+        """The head of the layer the maps come from, or None when it is not one layer."""
+        try:
+            head = self.method.resolve_heads(x)[-1]
+            get_layer(self.classifier.module, head.feature_layer)
+        except ConfigError:
+            return None
+        return head
+
+    def _regions(
+        self, maps: torch.Tensor, activations: torch.Tensor | None
+    ) -> list[dict[str, np.ndarray]] | None:
+        """Per image, its small hot regions and their feature vectors (see the module
+        docstring); None when the pattern search is off."""
+        if activations is None:
+            return None
+        found = [hot_regions(m, **self._region_options) for m in maps.numpy()]
+        cells = [(i, r, c) for i, regions in enumerate(found) for _, _, (r, c) in regions]
+        features = region_features(activations, cells, self.grid).numpy().astype(np.float16)
+        out, start = [], 0
+        for regions in found:
+            boxes = np.array([[*box, peak] for box, peak, _ in regions], dtype=np.float32)
+            out.append(
+                {
+                    "regions": boxes.reshape(-1, 5),
+                    "region_features": features[start : start + len(regions)],
+                }
+            )
+            start += len(regions)
+        return out
+
+    @property
+    def _region_options(self) -> dict[str, Any]:
+        p = self.task.search.patterns
+        return {
+            "level": p.level,
+            "floor": p.floor,
+            "max_area": p.max_area,
+            "max_regions": p.max_regions,
+        }
 
 
 def error_record(source: str, message: str | None) -> dict[str, Any]:

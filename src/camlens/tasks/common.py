@@ -1,19 +1,23 @@
-"""What every task needs: decoding an input for a model, loading the model in a worker."""
+"""What every task needs: decoding an input for a model, loading the model in a worker, and
+the parts that the tasks writing files per input (explain, explain-volume, concepts) share."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import torch
 from PIL import Image
 
 from camlens.defaults import DEFAULT_MAX_PIXELS
+from camlens.errors import ConfigError
 from camlens.io import ImageLoadError, load_image
 from camlens.models import Classifier, load_model
 from camlens.models.fingerprint import model_fingerprint
+from camlens.pipeline import OutputFolder, model_for_actors
 from camlens.writers import safe_name
 
 
@@ -36,6 +40,7 @@ def load_input(
     *,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     display_side: int | None = None,
+    window: tuple[float, float] | None = None,
 ) -> Loaded:
     """Decode and preprocess one input; a bad file becomes a ``Loaded`` with ``error``.
 
@@ -45,9 +50,11 @@ def load_input(
         max_pixels: the pixel budget (``load_image``).
         display_side: keep ``image`` at most this long (the longest side; a JPEG is decoded
             at a reduced scale when it is much larger); ``size`` stays the original's.
+        window: ``(center, width)``: the grey-level window of 16-bit images and DICOM files
+            (``load_image``).
     """
     try:
-        image = load_image(source, max_pixels=max_pixels, needed_side=display_side)
+        image = load_image(source, max_pixels=max_pixels, needed_side=display_side, window=window)
     except ImageLoadError as error:
         return Loaded(index, str(source), error=str(error))
     size = tuple(image.info.get("original_size", image.size))
@@ -84,3 +91,41 @@ def output_stem(index: int, source: str) -> str:
         '00003_my_cat'
     """
     return f"{index:05d}_{safe_name(Path(source).stem)}"
+
+
+class FileWritingTask:
+    """Mixin of the frozen task dataclasses that write files and one record per input
+    (``ExplainTask``, ``VolumeExplainTask``, ``ConceptsTask``): their ``model`` field is a
+    ``Classifier`` or the spec a worker loads it from."""
+
+    name: str
+
+    def describe(self, item: Any) -> Any:
+        """The input as the manifest names it: its path."""
+        return str(item)
+
+    def for_actors(self) -> Self:
+        """This task with the model as something a Ray actor can load (its folder or spec)."""
+        model = self.model  # type: ignore[attr-defined]
+        if isinstance(model, Classifier):
+            return replace(self, model=model_for_actors(model))  # type: ignore[type-var]
+        return self
+
+    def require_folder(self, folder: OutputFolder | None) -> OutputFolder:
+        """``folder``; a task that writes files refuses to run without one."""
+        if folder is None:
+            raise ConfigError(f"the {self.name} task writes files: give it an output folder")
+        return folder
+
+
+def count_statuses(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """``{"n_ok": ..., "n_error": ...}``: the records by ``status``.
+
+    Example:
+        >>> count_statuses([{"status": "ok"}, {"status": "error"}, {"status": "ok"}])
+        {'n_ok': 2, 'n_error': 1}
+    """
+    counts = {"n_ok": 0, "n_error": 0}
+    for record in records:
+        counts["n_ok" if record["status"] == "ok" else "n_error"] += 1
+    return counts

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -35,9 +35,17 @@ from camlens.errors import ConfigError
 from camlens.localize import normalize_maps
 from camlens.methods.concepts import ConceptBasis, concept_shares
 from camlens.models import Classifier
-from camlens.pipeline import Item, OutputFolder, model_for_actors
+from camlens.pipeline import Item, OutputFolder
 from camlens.render import colormap_table
-from camlens.tasks.common import Loaded, load_input, model_settings, output_stem, worker_model
+from camlens.tasks.common import (
+    FileWritingTask,
+    Loaded,
+    count_statuses,
+    load_input,
+    model_settings,
+    output_stem,
+    worker_model,
+)
 from camlens.writers import write_json, write_npz, write_png, write_text
 
 __all__ = [
@@ -95,7 +103,7 @@ class ConceptStyle:
 
 
 @dataclass(frozen=True)
-class ConceptsTask:
+class ConceptsTask(FileWritingTask):
     """Concept maps of every input against ``basis`` (see the module docstring).
 
     Attributes:
@@ -132,27 +140,20 @@ class ConceptsTask:
             "max_pixels": self.max_pixels,
         }
 
-    def describe(self, item: Any) -> Any:
-        return str(item)
-
     def start(self, folder: OutputFolder | None) -> _ConceptsWorker:
-        if folder is None:
-            raise ConfigError("the concepts task writes files: give it an output folder")
-        return _ConceptsWorker(self, folder)
-
-    def for_actors(self) -> ConceptsTask:
-        if isinstance(self.model, Classifier):
-            return replace(self, model=model_for_actors(self.model))
-        return self
+        return _ConceptsWorker(self, self.require_folder(folder))
 
     def fold(self, records: Iterable[dict[str, Any]]) -> dict[str, Any]:
         """Counts: ``{"n_ok", "n_error", "dominant": [images where concept k dominates]}``."""
-        summary: dict[str, Any] = {"n_ok": 0, "n_error": 0, "dominant": [0] * self.basis.k}
-        for record in records:
-            summary["n_ok" if record["status"] == "ok" else "n_error"] += 1
-            if record.get("dominant") is not None:
-                summary["dominant"][record["dominant"]] += 1
-        return summary
+        dominant = [0] * self.basis.k
+
+        def tallied(records: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+            for record in records:  # one pass: the records are streamed from disk
+                if record.get("dominant") is not None:
+                    dominant[record["dominant"]] += 1
+                yield record
+
+        return {**count_statuses(tallied(records)), "dominant": dominant}
 
 
 class _ConceptsWorker:

@@ -13,7 +13,7 @@ import os
 import threading
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -23,12 +23,21 @@ from PIL import Image
 from camlens.defaults import DEFAULT_MAX_PIXELS, DEFAULT_OVERLAY_SIZE
 from camlens.errors import ConfigError
 from camlens.explanation import Explanation
+from camlens.io.medical import dicom_uid, is_dicom_path
 from camlens.methods import make_method
 from camlens.models import Classifier
-from camlens.pipeline import Item, OutputFolder, model_for_actors
+from camlens.pipeline import Item, OutputFolder
 from camlens.render import colorize, gradient_picture, save_figure, topk_figure
 from camlens.targets import NOT_A_CLASS, Target, bind_target, check_target, describe_target
-from camlens.tasks.common import Loaded, load_input, model_settings, output_stem, worker_model
+from camlens.tasks.common import (
+    FileWritingTask,
+    Loaded,
+    count_statuses,
+    load_input,
+    model_settings,
+    output_stem,
+    worker_model,
+)
 from camlens.writers import write_npz, write_png
 
 __all__ = ["ExplainTask", "Style", "error_record", "output_threads", "write_image_outputs"]
@@ -65,7 +74,7 @@ class Style:
 
 
 @dataclass(frozen=True)
-class ExplainTask:
+class ExplainTask(FileWritingTask):
     """Explain every input (see the module docstring).
 
     Attributes:
@@ -74,6 +83,10 @@ class ExplainTask:
         style: how overlays look.
         figures: also write one figure per input with all its maps side by side.
         max_pixels: the pixel budget of an input (larger ones are error records).
+        window: ``(center, width)``, the grey-level window of 16-bit images and DICOM files
+            (overrides a DICOM file's own; ``None``: the file's, else the image's min..max).
+        keep_uid: a DICOM input's record gets its ``"sop_instance_uid"`` (off by default: the
+            record names the file only, and no patient or private tag is ever written).
     """
 
     model: Classifier | str
@@ -84,6 +97,8 @@ class ExplainTask:
     style: Style = field(default_factory=Style)
     figures: bool = False
     max_pixels: int | None = DEFAULT_MAX_PIXELS
+    window: tuple[float, float] | None = None
+    keep_uid: bool = False
 
     name: ClassVar[str] = "explain"
     records_file: ClassVar[str] = "results.jsonl"
@@ -99,27 +114,17 @@ class ExplainTask:
             "style": asdict(self.style),
             "figures": self.figures,
             "max_pixels": self.max_pixels,
+            # only when set, so that the settings of earlier runs still match on --resume
+            **({"window": list(self.window)} if self.window is not None else {}),
+            **({"keep_uid": True} if self.keep_uid else {}),
         }
 
-    def describe(self, item: Any) -> Any:
-        return str(item)
-
     def start(self, folder: OutputFolder | None) -> _ExplainWorker:
-        if folder is None:
-            raise ConfigError("the explain task writes files: give it an output folder")
-        return _ExplainWorker(self, folder)
-
-    def for_actors(self) -> ExplainTask:
-        if isinstance(self.model, Classifier):
-            return replace(self, model=model_for_actors(self.model))
-        return self
+        return _ExplainWorker(self, self.require_folder(folder))
 
     def fold(self, records: Iterable[dict[str, Any]]) -> dict[str, int]:
         """Counts: ``{"n_ok": ..., "n_error": ...}``."""
-        counts = {"n_ok": 0, "n_error": 0}
-        for record in records:
-            counts["n_ok" if record["status"] == "ok" else "n_error"] += 1
-        return counts
+        return count_statuses(records)
 
 
 class _ExplainWorker:
@@ -145,6 +150,7 @@ class _ExplainWorker:
             source,
             max_pixels=self.task.max_pixels,
             display_side=self.task.style.overlay_size or None,
+            window=self.task.window,
         )
 
     def process(self, batch: Sequence[Item], loaded: Sequence[Loaded]) -> list[dict[str, Any]]:
@@ -190,8 +196,20 @@ class _ExplainWorker:
                 with ThreadPoolExecutor(threads) as pool:
                     written = list(pool.map(write, range(len(good))))
             for item, record in zip(good, written, strict=True):
-                records[item.index] = record
+                records[item.index] = self._medical_fields(item, record)
         return [records[index] for index, _ in batch]
+
+    def _medical_fields(self, item: Loaded, record: dict[str, Any]) -> dict[str, Any]:
+        """The record of a DICOM or 16-bit input: the grey-level window applied (``"window"``:
+        ``[center, width]``; absent for 8-bit and colour images and DICOM VOI LUTs) and, with
+        ``keep_uid``, a DICOM file's ``"sop_instance_uid"``. Nothing else of a DICOM file's
+        header reaches the record."""
+        window = item.image.info.get("window") if item.image is not None else None
+        if isinstance(window, tuple):  # set by camlens' decoders (a PNG's text chunk is a str)
+            record["window"] = [round(float(value), 6) for value in window]
+        if self.task.keep_uid and is_dicom_path(item.source):
+            record["sop_instance_uid"] = dicom_uid(item.source)
+        return record
 
 
 def output_threads(n_images: int) -> int:
@@ -231,9 +249,15 @@ def write_image_outputs(
     """
     probs = explanation.probs[i]
     predictions = explanation.predictions(i)
-    boxes = explanation.image_boxes(i, style.threshold, original=True)
+    input_boxes = explanation.image_boxes(i, style.threshold)  # once, for record and overlay
+    boxes = [explanation.original_box(i, box) for box in input_boxes]
     overlays = explanation.image_overlays(
-        i, colormap=style.colormap, alpha=style.alpha, threshold=style.threshold, heat=heat
+        i,
+        colormap=style.colormap,
+        alpha=style.alpha,
+        threshold=style.threshold,
+        heat=heat,
+        boxes=input_boxes,
     )
     maps = []
     for k in explanation.explained(i):  # not the repeats that pad "positive" targets
