@@ -93,7 +93,10 @@ def audit(
         "summary": [...], "n_images", "n_failed", "errors", ...}``; every flag has ``class``,
         ``kind``, ``box`` (x0, y0, x1, y1 as fractions of the image), ``images_affected``,
         ``heat_share``, ``flip_rate``, ``baseline_flip_rate``, ``confidence_drop``,
-        ``confirmed``.
+        ``confirmed``. A pattern that moves (``kind: "moving-pattern"``; searched on annotated
+        images, see ``camlens.shortcuts.PatternSettings``) also has ``locations`` (image as
+        given and box as fractions, per sampled image where it was found), ``exemplar_image``
+        and ``exemplar`` (its picture in ``out_dir``, written with the report).
 
     Raises:
         ConfigError: bad parameters, a data folder without images, class folders that are

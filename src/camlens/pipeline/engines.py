@@ -50,9 +50,28 @@ Batches = Iterator[tuple[Sequence[Item], list[dict[str, Any]]]]
 
 
 def local_batches(worker: Worker, batches: Iterable[Sequence[Item]]) -> Batches:
-    """``(batch, records)`` for every batch, in order, in this process."""
-    for batch, loaded in prefetched(batches, worker.load):
-        yield batch, worker.process(batch, loaded)
+    """``(batch, records)`` for every batch, in order, in this process.
+
+    A worker with ``compute`` and ``finish`` (see ``Worker.process``) has each batch's files
+    written in one background thread while the next batch is computed: on a machine whose
+    cores the forward pass does not fill, the writing costs no time. A batch's records are
+    yielded only once its files are written, so a stored record still means that its files
+    exist (what a resume relies on).
+    """
+    compute, finish = getattr(worker, "compute", None), getattr(worker, "finish", None)
+    if compute is None or finish is None:
+        for batch, loaded in prefetched(batches, worker.load):
+            yield batch, worker.process(batch, loaded)
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="camlens-write") as writer:
+        pending: tuple[Sequence[Item], Future[list[dict[str, Any]]]] | None = None
+        for batch, loaded in prefetched(batches, worker.load):
+            computed = compute(batch, loaded)
+            if pending is not None:
+                yield pending[0], pending[1].result()
+            pending = (batch, writer.submit(finish, computed))
+        if pending is not None:
+            yield pending[0], pending[1].result()
 
 
 class TaskActor:

@@ -25,7 +25,12 @@ class Worker(Protocol):
         """One record per item of ``batch``, in order; the only place a task runs the model.
 
         A record is a JSON-ready dict with a ``"status"`` (``"ok"`` or ``"error"``) and,
-        optionally, ``"arrays"``: a dict of numpy arrays stored beside the records."""
+        optionally, ``"arrays"``: a dict of numpy arrays stored beside the records.
+
+        A worker that writes files may split this in two, ``process(batch, loaded) ==
+        finish(compute(batch, loaded))``: ``compute`` runs the model, ``finish`` writes the
+        batch's files and returns its records. The local engine then writes one batch while
+        it computes the next (see ``engines.local_batches``)."""
 
 
 class Task(Protocol):

@@ -3,7 +3,8 @@
 A "horse" classifier that reads a source tag in the corner (Lapuschkin et al. 2019) or an
 x-ray model that reads a metal token (Zech et al. 2018) shows it on every image, but nobody
 looks at ten thousand heat maps. The audit folds the maps of a whole data set into per-class
-statistics (``find``), finds regions that are hot on many images of a class at the same place,
+statistics (``find``), finds regions that are hot on many images of a class at the same place
+and small patterns that recur at varying places (``moving``),
 groups each class's maps into strategies (``spray``: SpRAy), and proves or rejects each
 candidate with counterfactuals (``confirm``: paste it onto other images, erase it) against
 random regions of the same size. ``core`` holds the settings, the fold and the result;
@@ -42,6 +43,9 @@ _EXPORTS = {
     "MapAccumulator": "camlens.shortcuts.find",
     "find_hotspots": "camlens.shortcuts.find",
     "heat_share": "camlens.shortcuts.find",
+    "Pattern": "camlens.shortcuts.moving",
+    "PatternSettings": "camlens.shortcuts.moving",
+    "find_patterns": "camlens.shortcuts.moving",
     "Reservoir": "camlens.shortcuts.spray",
     "eigengap_cluster_count": "camlens.shortcuts.spray",
     "spectral_relevance_analysis": "camlens.shortcuts.spray",
@@ -56,12 +60,15 @@ __all__ = [
     "Confirmation",
     "Hotspot",
     "MapAccumulator",
+    "Pattern",
+    "PatternSettings",
     "Reservoir",
     "build_result",
     "confirm_hotspot",
     "describe_place",
     "eigengap_cluster_count",
     "find_hotspots",
+    "find_patterns",
     "heat_share",
     "object_grid",
     "spectral_relevance_analysis",

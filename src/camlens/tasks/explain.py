@@ -127,6 +127,18 @@ class ExplainTask(FileWritingTask):
         return count_statuses(records)
 
 
+@dataclass
+class _Computed:
+    """A batch after the model (``_ExplainWorker.compute``), before its files are written."""
+
+    batch: Sequence[Item]
+    loaded: Sequence[Loaded]
+    good: list[Loaded]
+    explanation: Explanation | None = None
+    pictures: torch.Tensor | None = None
+    heats: list[np.ndarray] = field(default_factory=list)
+
+
 class _ExplainWorker:
     """The model and the method, made once; batches of paths in, records (and files) out."""
 
@@ -154,50 +166,63 @@ class _ExplainWorker:
         )
 
     def process(self, batch: Sequence[Item], loaded: Sequence[Loaded]) -> list[dict[str, Any]]:
+        return self.finish(self.compute(batch, loaded))
+
+    def compute(self, batch: Sequence[Item], loaded: Sequence[Loaded]) -> _Computed:
+        """The model's part of a batch: the maps, and every torch computation the files need
+        (torch work stays in the engine's thread; ``finish`` gets arrays)."""
         good = [item for item in loaded if item.error is None]
+        if not good:
+            return _Computed(batch, loaded, good)
+        x = torch.cat([item.tensor for item in good])
+        explanation = Explanation.from_result(
+            self.method.run(x, self.target),
+            self.method.name,
+            tuple(x.shape[2:]),
+            self.classifier.labels,
+            images=[item.image for item in good],
+            sources=[item.source for item in good],
+            sizes=[item.size for item in good],
+            multilabel=self.classifier.multilabel,
+            threshold_prob=self.classifier.threshold_prob,
+        )
+        pictures = getattr(self.method, "picture_gradients", lambda: None)()
+        heats = [explanation.display_maps(i) for i in range(len(good))]
+        explanation.maps  # noqa: B018 (computed here, in torch's thread, for the boxes)
+        return _Computed(batch, loaded, good, explanation, pictures, heats)
+
+    def finish(self, computed: _Computed) -> list[dict[str, Any]]:
+        """Write the batch's overlays, raw maps (and figures) and return its records."""
         records = {
-            item.index: error_record(item.source, item.error) for item in loaded if item.error
+            item.index: error_record(item.source, item.error)
+            for item in computed.loaded
+            if item.error
         }
-        if good:
-            x = torch.cat([item.tensor for item in good])
-            explanation = Explanation.from_result(
-                self.method.run(x, self.target),
-                self.method.name,
-                tuple(x.shape[-2:]),
-                self.classifier.labels,
-                images=[item.image for item in good],
-                sources=[item.source for item in good],
-                sizes=[item.size for item in good],
-                multilabel=self.classifier.multilabel,
-                threshold_prob=self.classifier.threshold_prob,
+        good, explanation = computed.good, computed.explanation
+
+        def write(i: int) -> dict[str, Any]:
+            return write_image_outputs(
+                explanation,
+                i,
+                output_stem(good[i].index, good[i].source),
+                self.folder,
+                self.task.style,
+                figures=self.task.figures,
+                guided=None if computed.pictures is None else computed.pictures[i],
+                heat=computed.heats[i],
             )
-            pictures = getattr(self.method, "picture_gradients", lambda: None)()
-            # Torch work stays in this thread (its own thread pool); the writers get arrays.
-            heats = [explanation.display_maps(i) for i in range(len(good))]
 
-            def write(i: int) -> dict[str, Any]:
-                return write_image_outputs(
-                    explanation,
-                    i,
-                    output_stem(good[i].index, good[i].source),
-                    self.folder,
-                    self.task.style,
-                    figures=self.task.figures,
-                    guided=None if pictures is None else pictures[i],
-                    heat=heats[i],
-                )
-
-            # Colour mapping, PNG and npz encoding release the GIL: the batch's images are
-            # written in parallel (the records wait for all their files).
-            threads = output_threads(len(good))
-            if threads == 1:
-                written = [write(i) for i in range(len(good))]
-            else:
-                with ThreadPoolExecutor(threads) as pool:
-                    written = list(pool.map(write, range(len(good))))
-            for item, record in zip(good, written, strict=True):
-                records[item.index] = self._medical_fields(item, record)
-        return [records[index] for index, _ in batch]
+        # Colour mapping, PNG and npz encoding release the GIL: the batch's images are
+        # written in parallel (the records wait for all their files).
+        threads = output_threads(len(good))
+        if threads <= 1:
+            written = [write(i) for i in range(len(good))]
+        else:
+            with ThreadPoolExecutor(threads) as pool:
+                written = list(pool.map(write, range(len(good))))
+        for item, record in zip(good, written, strict=True):
+            records[item.index] = self._medical_fields(item, record)
+        return [records[index] for index, _ in computed.batch]
 
     def _medical_fields(self, item: Loaded, record: dict[str, Any]) -> dict[str, Any]:
         """The record of a DICOM or 16-bit input: the grey-level window applied (``"window"``:
