@@ -6,6 +6,7 @@ import functools
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -227,15 +228,8 @@ def run_explain(
         window=bounds,
         keep_uid=keep_uid,
     )
-    result = run(task, paths, folder.root, options, folder=folder)
-    write_gallery(
-        folder,
-        folder.log(ExplainTask.records_file).records(),
-        title=title,
-        subtitle=f"model {classifier.name} · method {method} · target {target}",
-    )
-    folder.close()
-    return result
+    subtitle = f"model {classifier.name} · method {method} · target {target}"
+    return _run_with_gallery(task, paths, folder, options, title=title, subtitle=subtitle)
 
 
 def run_explain_volumes(
@@ -314,13 +308,23 @@ def run_explain_volumes(
         window=parse_window(window),
         montage_step=montage_step,
     )
+    subtitle = f"model {classifier.name} · method {method} · target {target} · volumes"
+    return _run_with_gallery(task, paths, folder, options, title=title, subtitle=subtitle)
+
+
+def _run_with_gallery(
+    task: ExplainTask | VolumeExplainTask,
+    paths: Sequence[Path],
+    folder: OutputFolder,
+    options: RunOptions,
+    *,
+    title: str,
+    subtitle: str,
+) -> RunResult:
+    """Run an explain task into ``folder``, then write its gallery (``index.html``) from the
+    records, and close the folder."""
     result = run(task, paths, folder.root, options, folder=folder)
-    write_gallery(
-        folder,
-        folder.log(VolumeExplainTask.records_file).records(),
-        title=title,
-        subtitle=f"model {classifier.name} · method {method} · target {target} · volumes",
-    )
+    write_gallery(folder, folder.log(task.records_file).records(), title=title, subtitle=subtitle)
     folder.close()
     return result
 
