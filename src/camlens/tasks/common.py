@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Self
 
@@ -18,6 +18,7 @@ from camlens.io import ImageLoadError, load_image
 from camlens.models import Classifier, load_model
 from camlens.models.fingerprint import model_fingerprint
 from camlens.pipeline import OutputFolder, model_for_actors
+from camlens.targets import describe_target
 from camlens.writers import safe_name
 
 
@@ -111,11 +112,30 @@ class FileWritingTask:
             return replace(self, model=model_for_actors(model))  # type: ignore[type-var]
         return self
 
+    def fold(self, records: Iterable[dict[str, Any]]) -> dict[str, Any]:
+        """Counts: ``{"n_ok": ..., "n_error": ...}`` (``count_statuses``)."""
+        return count_statuses(records)
+
     def require_folder(self, folder: OutputFolder | None) -> OutputFolder:
         """``folder``; a task that writes files refuses to run without one."""
         if folder is None:
             raise ConfigError(f"the {self.name} task writes files: give it an output folder")
         return folder
+
+
+def method_settings(task: Any) -> dict[str, Any]:
+    """The settings a task that runs a map method records (what a resume must find again):
+    the model's (``model_settings``), the method and its options, the target, the layer and
+    the style (``task.model``, ``.method``, ``.method_options``, ``.target``, ``.layer``,
+    ``.style``, a dataclass)."""
+    return {
+        **model_settings(task.model),
+        "method": task.method,
+        "method_options": task.method_options,
+        "target": describe_target(task.target),
+        "layer": task.layer,
+        "style": asdict(task.style),
+    }
 
 
 def count_statuses(records: Iterable[dict[str, Any]]) -> dict[str, Any]:

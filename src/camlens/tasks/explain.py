@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -28,13 +28,12 @@ from camlens.methods import make_method
 from camlens.models import Classifier
 from camlens.pipeline import Item, OutputFolder
 from camlens.render import colorize, gradient_picture, save_figure, topk_figure
-from camlens.targets import NOT_A_CLASS, Target, bind_target, check_target, describe_target
+from camlens.targets import NOT_A_CLASS, Target, bind_target, check_target
 from camlens.tasks.common import (
     FileWritingTask,
     Loaded,
-    count_statuses,
     load_input,
-    model_settings,
+    method_settings,
     output_stem,
     worker_model,
 )
@@ -106,12 +105,7 @@ class ExplainTask(FileWritingTask):
 
     def settings(self) -> dict[str, Any]:
         return {
-            **model_settings(self.model),
-            "method": self.method,
-            "method_options": self.method_options,
-            "target": describe_target(self.target),
-            "layer": self.layer,
-            "style": asdict(self.style),
+            **method_settings(self),
             "figures": self.figures,
             "max_pixels": self.max_pixels,
             # only when set, so that the settings of earlier runs still match on --resume
@@ -121,10 +115,6 @@ class ExplainTask(FileWritingTask):
 
     def start(self, folder: OutputFolder | None) -> _ExplainWorker:
         return _ExplainWorker(self, self.require_folder(folder))
-
-    def fold(self, records: Iterable[dict[str, Any]]) -> dict[str, int]:
-        """Counts: ``{"n_ok": ..., "n_error": ...}``."""
-        return count_statuses(records)
 
 
 @dataclass

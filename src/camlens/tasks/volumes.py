@@ -25,8 +25,8 @@ The maps cover the whole volume (it is resized, never cropped).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -50,11 +50,10 @@ from camlens.methods import make_method
 from camlens.models import Classifier
 from camlens.pipeline import Item, OutputFolder
 from camlens.render import montage
-from camlens.targets import Target, bind_target, check_target, describe_target
+from camlens.targets import Target, bind_target, check_target
 from camlens.tasks.common import (
     FileWritingTask,
-    count_statuses,
-    model_settings,
+    method_settings,
     output_stem,
     worker_model,
 )
@@ -118,13 +117,8 @@ class VolumeExplainTask(FileWritingTask):
 
     def settings(self) -> dict[str, Any]:
         return {
-            **model_settings(self.model),
+            **method_settings(self),
             "kind": "volume",
-            "method": self.method,
-            "method_options": self.method_options,
-            "target": describe_target(self.target),
-            "layer": self.layer,
-            "style": asdict(self.style),
             "size": None if self.size is None else list(self.size),
             "window": None if self.window is None else list(self.window),
             "montage_step": self.montage_step,
@@ -132,10 +126,6 @@ class VolumeExplainTask(FileWritingTask):
 
     def start(self, folder: OutputFolder | None) -> _VolumeWorker:
         return _VolumeWorker(self, self.require_folder(folder))
-
-    def fold(self, records: Iterable[dict[str, Any]]) -> dict[str, int]:
-        """Counts: ``{"n_ok": ..., "n_error": ...}``."""
-        return count_statuses(records)
 
 
 @dataclass
