@@ -454,3 +454,26 @@ def test_the_manifest_records_each_path_once_when_threads_write_together(tmp_pat
     written = [path for path in folder.written() if not path.startswith(".camlens")]
     folders = ["overlays/", "overlays/sub0/", "overlays/sub1/", "overlays/sub2/"]
     assert sorted(written) == sorted(relatives + folders)  # each path exactly once
+
+
+def test_a_resume_removes_the_temporaries_of_unfinished_writes_and_nothing_else(tmp_path):
+    """A kill during ``atomic_path`` leaves ``.<name>.<random>.tmp`` beside a recorded file:
+    a resume removes it; a file of the user's with a similar name stays."""
+    from camlens.pipeline import OutputFolder
+
+    out = tmp_path / "out"
+    folder = OutputFolder(out)
+    folder.open("explain", {"method": "cam"}, resume=False, overwrite=False)
+    recorded = folder.path("overlays/a.png")
+    recorded.write_bytes(b"png")
+    folder.close()
+    stale = out / "overlays" / ".a.png.k3x9_q1z.tmp"
+    stale.write_bytes(b"half")
+    users = [out / "overlays" / ".b.png.k3x9_q1z.tmp", out / ".mine.abc.tmp"]
+    for path in users:
+        path.write_bytes(b"mine")
+
+    OutputFolder(out).open("explain", {"method": "cam"}, resume=True, overwrite=False)
+    assert not stale.exists()
+    assert recorded.read_bytes() == b"png"
+    assert all(path.read_bytes() == b"mine" for path in users)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -58,6 +59,10 @@ RUN_FILE = f"{STATE_DIR}/run.json"
 WRITTEN_DIR = f"{STATE_DIR}/written"
 
 Spell = Callable[..., str]
+
+
+#: The temporary file of an unfinished ``writers.atomic_path`` write of ``<name>``.
+_TEMPORARY = re.compile(r"\.(.+)\.[^.]+\.tmp")
 
 
 class OutputFolder:
@@ -165,6 +170,7 @@ class OutputFolder:
         self.check(resume=resume, overwrite=overwrite)
         if resume and self.previous_run() is not None:
             self._fresh = False
+            self._remove_stale_temporaries()
         else:
             if overwrite:
                 self.remove_previous()
@@ -269,6 +275,25 @@ class OutputFolder:
                         yield json.loads(line)
                     except ValueError:
                         continue  # a torn last entry: its file was never written
+
+    def _remove_stale_temporaries(self) -> int:
+        """Remove what a killed run's unfinished writes left: ``writers.atomic_path`` writes
+        ``.<name>.<random>.tmp`` beside a file that camlens recorded before creating it, so
+        such a file next to a recorded name is camlens' own; nothing else is touched. Returns
+        the number removed."""
+        recorded: dict[Path, set[str]] = {}
+        for relative in self.written():
+            if not relative.endswith("/"):
+                target = self.root / relative
+                recorded.setdefault(target.parent, set()).add(target.name)
+        removed = 0
+        for folder, names in recorded.items():
+            for temporary in folder.glob(".*.tmp") if folder.is_dir() else ():
+                match = _TEMPORARY.fullmatch(temporary.name)
+                if match and match.group(1) in names and temporary.is_file():
+                    temporary.unlink()
+                    removed += 1
+        return removed
 
     def remove_previous(self) -> int:
         """Delete what camlens recorded here (files, then the folders it created if they are
