@@ -713,6 +713,19 @@ def spatial_dims(tensor: torch.Tensor, leading: int) -> tuple[int, ...]:
     return tuple(range(leading, tensor.ndim))
 
 
+def _methods_with(flag: str) -> list[str]:
+    """The names of the method classes whose class attribute ``flag`` is true, in the order
+    the classes were defined (base and private classes left out)."""
+    names: list[str] = []
+    pending = list(CAMMethod.__subclasses__())
+    while pending:
+        cls = pending.pop(0)
+        pending.extend(cls.__subclasses__())
+        if getattr(cls, flag) and not cls.name.startswith(("base", "_")) and cls.name not in names:
+            names.append(cls.name)
+    return names
+
+
 def volume_methods() -> list[str]:
     """The names of the methods that explain 3-D volumes (their class has ``volumes``).
 
@@ -721,14 +734,7 @@ def volume_methods() -> list[str]:
         >>> "gradcam" in volume_methods(), "scorecam" in volume_methods()
         (True, False)
     """
-    names: list[str] = []
-    pending = list(CAMMethod.__subclasses__())
-    while pending:
-        cls = pending.pop(0)
-        pending.extend(cls.__subclasses__())
-        if cls.volumes and not cls.name.startswith(("base", "_")) and cls.name not in names:
-            names.append(cls.name)
-    return names
+    return _methods_with("volumes")
 
 
 def similarity_methods() -> list[str]:
@@ -740,11 +746,4 @@ def similarity_methods() -> list[str]:
         >>> "gradcam" in similarity_methods(), "cam" in similarity_methods()
         (True, False)
     """
-    names: list[str] = []
-    pending = list(CAMMethod.__subclasses__())
-    while pending:
-        cls = pending.pop(0)
-        pending.extend(cls.__subclasses__())
-        if cls.score_targets and not cls.name.startswith(("base", "_")) and cls.name not in names:
-            names.append(cls.name)
-    return names
+    return _methods_with("score_targets")
