@@ -72,3 +72,45 @@ def test_xray_story_runs_from_dicom_films_to_the_audit(tmp_path):
     assert (work / "audit" / "audit.json").is_file()
     with Image.open(figures / "xray_maps.png") as image:
         assert image.format == "PNG" and min(image.size) > 200
+
+
+DENSE_EXAMPLE = EXAMPLE.parent / "detection_segmentation.py"
+
+
+def test_detection_segmentation_example_trains_explains_and_measures(tmp_path):
+    """The detector/segmenter example at a tiny size: both models trained a few steps, loaded
+    by name from their weights files, measured and drawn (the README's numbers come from
+    the full size; here the models are barely trained, so only the bookkeeping is checked)."""
+    figures, work = tmp_path / "figures", tmp_path / "work"
+    command = [sys.executable, str(DENSE_EXAMPLE), "--out", str(figures), "--work", str(work)]
+    command += ["--n", "12", "--size", "64", "--steps", "3", "--limit", "4"]
+    command += ["--repeats", "1", "--masks", "8"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((work / "summary.json").read_text())
+    printed = done.stdout[done.stdout.index('{\n  "trained"') :]
+    assert json.loads(printed) == summary
+    assert (work / "detector.safetensors").is_file() and (work / "labels.txt").is_file()
+    for row in summary["segmentation"]:
+        assert 0.0 <= row["uniform_map_baseline"] <= 1.0 and row["maps"] <= 8
+        assert row["energy_pointing_game"] is None or 0.0 <= row["energy_pointing_game"] <= 1
+    for row in summary["detection"]:
+        if row["detections"]:
+            assert 0.0 <= row["peak_in_own_box"] <= 1.0
+    for model in ("detector", "segmenter"):
+        timings = summary["seconds_per_image"][model]
+        assert set(timings) == {
+            "forward",
+            "gradcam",
+            "gradcam++",
+            "hirescam",
+            "eigencam",
+            "scorecam",
+            "ablationcam",
+            "drise",
+        }
+        assert all(value > 0 for value in timings.values())
+    for name in ("detection_maps.png", "segmentation_maps.png"):
+        with Image.open(figures / name) as image:
+            assert image.format == "PNG"

@@ -436,7 +436,16 @@ def test_cuda_matches_cpu(name):
 
 
 def test_names_and_aliases():
-    assert list(METHODS) == ["cam", "gradcam", *NEW, *MORE, "rollout", "gradrollout", "random"]
+    assert list(METHODS) == [
+        "cam",
+        "gradcam",
+        *NEW,
+        *MORE,
+        "drise",
+        "rollout",
+        "gradrollout",
+        "random",
+    ]
     for spelling in ("gradcam++", "Grad-CAM++", "gradcampp", "grad_cam_plus_plus"):
         assert get_method(spelling) is GradCAMPlusPlus
     assert get_method("Layer-CAM") is LayerCAM and get_method("score_cam") is ScoreCAM

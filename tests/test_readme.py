@@ -42,6 +42,7 @@ NOT_RUN = [
     "make demo",  # make targets of the clone; make test runs this test
     'pip install "/path/to/camlens[web]"',  # installs packages
     ".venv/bin/python examples/shortcut_demo.py --out docs/images",  # redraws docs/images
+    "python examples/detection_segmentation.py --out docs/images --work dense",  # trains
     "ray start --head",  # needs a Ray cluster
     "camlens evaluate instances_val2017.json --images val2017/ --out eval_coco --metrics all",
     "camlens explain scan.nii.gz ct_series/ --model torchvision:r3d_18 --weights r3d.safetensors "

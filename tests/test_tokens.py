@@ -291,9 +291,11 @@ def test_every_method_runs_on_a_token_layer_and_cleans_up(tiny_vit, method):
     (``F.scaled_dot_product_attention``) does not implement."""
     cls = get_method(method)
     options = {"max_channels": 8, "batch_size": 8} if method in ("scorecam", "ablationcam") else {}
+    options = {"n_masks": 16} if method == "drise" else options
     x = torch.randn(1, 3, 224, 224)
     raw = cls(tiny_vit, **options)(x, "top2")
-    grid = (224, 224) if method in ("guidedbackprop", "guidedgradcam", "fullgrad") else (14, 14)
+    at_input = ("guidedbackprop", "guidedgradcam", "fullgrad", "drise")
+    grid = (224, 224) if method in at_input else (14, 14)
     assert raw.shape == (1, 2, *grid) and torch.isfinite(raw).all()
     assert _count_hooks(tiny_vit) == 0
 

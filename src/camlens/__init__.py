@@ -26,6 +26,10 @@ from camlens.version import __version__
 #: Public name -> the module that defines it.
 _EXPORTS = {
     "explain": "camlens.api",
+    "explain_dense": "camlens.api",
+    "DenseSettings": "camlens.api",
+    "DenseExplanation": "camlens.dense",
+    "DRISE": "camlens.methods",
     "run_explain": "camlens.api",
     "evaluate": "camlens.api",
     "audit": "camlens.api",
@@ -57,12 +61,15 @@ _EXPORTS = {
 
 __all__ = [
     "CAM",
+    "DRISE",
     "METHODS",
     "AblationCAM",
     "CAMMethod",
     "CamlensError",
     "Classifier",
     "ConfigError",
+    "DenseExplanation",
+    "DenseSettings",
     "EigenCAM",
     "Explanation",
     "GradCAM",
@@ -80,6 +87,7 @@ __all__ = [
     "concepts",
     "evaluate",
     "explain",
+    "explain_dense",
     "factorize",
     "get_method",
     "load_model",
@@ -94,11 +102,23 @@ __getattr__, __dir__ = lazy_exports(globals(), _EXPORTS)
 
 
 if TYPE_CHECKING:  # for type checkers and editors; not imported at run time
-    from camlens.api import audit, concepts, evaluate, explain, factorize, run_explain, train
+    from camlens.api import (
+        DenseSettings,
+        audit,
+        concepts,
+        evaluate,
+        explain,
+        explain_dense,
+        factorize,
+        run_explain,
+        train,
+    )
+    from camlens.dense import DenseExplanation
     from camlens.explanation import Explanation
     from camlens.localize import normalize_maps
     from camlens.methods import (
         CAM,
+        DRISE,
         METHODS,
         AblationCAM,
         CAMMethod,

@@ -26,7 +26,9 @@ __all__ = [
     "colormap_indices",
     "colormap_table",
     "montage",
+    "outline",
     "overlay",
+    "resize_mask",
     "save_figure",
     "topk_figure",
 ]
@@ -373,6 +375,55 @@ def _draw_box(
         draw.rectangle(corners, fill=color)
     else:
         draw.rectangle(corners, outline=color, width=width)
+
+
+def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A bool mask (H, W) resized to ``size`` (width, height) by nearest neighbour.
+
+    Example:
+        >>> resize_mask(np.array([[True, False]]), (4, 2)).astype(int)
+        array([[1, 1, 0, 0],
+               [1, 1, 0, 0]])
+    """
+    region = np.asarray(mask, dtype=bool)
+    if region.shape == (size[1], size[0]):
+        return region
+    picture = Image.fromarray(region.astype(np.uint8) * 255)
+    return np.asarray(picture.resize(tuple(size), Image.Resampling.NEAREST)) > 127
+
+
+def outline(
+    image: Image.Image, mask: np.ndarray, color: tuple[int, int, int] = (255, 255, 255)
+) -> Image.Image:
+    """A copy of ``image`` with the boundary of ``mask`` drawn over it in ``color``.
+
+    The mask (H, W) is resized to the image (nearest neighbour); its boundary is the mask's
+    pixels that have a neighbour outside it (4-connectivity, ``scipy.ndimage``).
+
+    Parameters:
+        image: an RGB picture (e.g. an overlay).
+        mask: (H, W) bool, the region.
+        color: the line's colour.
+
+    Returns:
+        A new RGB image.
+
+    Example:
+        >>> mask = np.zeros((4, 4), bool)
+        >>> mask[1:3, 1:3] = True
+        >>> np.asarray(outline(Image.new("RGB", (4, 4)), mask))[..., 0]
+        array([[  0,   0,   0,   0],
+               [  0, 255, 255,   0],
+               [  0, 255, 255,   0],
+               [  0,   0,   0,   0]], dtype=uint8)
+    """
+    from scipy import ndimage
+
+    region = resize_mask(mask, image.size)
+    edge = region & ~ndimage.binary_erosion(region, border_value=0)
+    pixels = np.array(image.convert("RGB"))
+    pixels[edge] = color
+    return Image.fromarray(pixels)
 
 
 #: Height in pixels of the band above each tile of :func:`montage` that holds its label.

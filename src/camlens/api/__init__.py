@@ -8,10 +8,12 @@ Each is loaded on first use, so that importing one job does not import the other
 from camlens.lazy import lazy_exports
 
 __all__ = [
+    "DenseSettings",
     "audit",
     "concepts",
     "evaluate",
     "explain",
+    "explain_dense",
     "factorize",
     "run_explain",
     "save_explanation",
@@ -26,6 +28,8 @@ __getattr__, __dir__ = lazy_exports(
         "factorize": "camlens.api.factorizing",
         "evaluate": "camlens.api.evaluating",
         "explain": "camlens.api.explaining",
+        "explain_dense": "camlens.api.explaining",
+        "DenseSettings": "camlens.api.explaining",
         "run_explain": "camlens.api.explaining",
         "save_explanation": "camlens.api.explaining",
         "train": "camlens.api.training",

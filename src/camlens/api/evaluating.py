@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 from torch import nn
 
-from camlens.api.explaining import job_folder, job_model
+from camlens.api.explaining import job_folder, job_model, model_task
+from camlens.dense import DEFAULT_SCORE_THRESHOLD
 from camlens.errors import ConfigError
 from camlens.io.annotations import Annotation
 from camlens.methods import CAMMethod
@@ -24,6 +26,7 @@ from camlens.metrics import faithfulness as faith
 from camlens.metrics import localization as loc
 from camlens.metrics.registry import make_settings
 from camlens.models import Classifier
+from camlens.models.dense import DEFAULT_IOU_THRESHOLD
 from camlens.pipeline import OutputFolder, RunOptions, run
 from camlens.report.evaluate import REPORT_FILE, write_evaluation_report
 from camlens.tasks.evaluate import (
@@ -36,6 +39,11 @@ from camlens.tasks.evaluate import (
     read_annotations,
     sanity_check,
 )
+from camlens.tasks.evaluate_dense import (
+    DetectionEvaluateTask,
+    dense_methods,
+    detection_metrics,
+)
 from camlens.writers import write_json
 
 __all__ = ["evaluate"]
@@ -45,7 +53,7 @@ def evaluate(
     model: Classifier | nn.Module | str | Callable[[], Classifier],
     annotations: str | os.PathLike | Sequence[Annotation],
     *,
-    methods: Sequence[str | CAMMethod] | str = ("cam", "gradcam"),
+    methods: Sequence[str | CAMMethod] | str | None = None,
     metrics: Sequence[str] | str | None = None,
     image_root: str | os.PathLike | None = None,
     layer: str | None = None,
@@ -65,6 +73,8 @@ def evaluate(
     report: bool = True,
     gallery: int = 6,
     options: RunOptions | None = None,
+    score_threshold: float = DEFAULT_SCORE_THRESHOLD,
+    iou_threshold: float = DEFAULT_IOU_THRESHOLD,
 ) -> dict[str, Any]:
     """Score heat-map methods on an annotated data set.
 
@@ -81,6 +91,19 @@ def evaluate(
 
     The metrics, their directions and groups are listed in ``camlens.metrics.registry``.
 
+    A **detector** (``camlens.api.explaining.model_task`` says ``"detection"``: a torchvision
+    detector, or a module returning one dict of ``boxes``, ``labels`` and ``scores`` per
+    image) is evaluated per detection instead (``camlens.tasks.evaluate_dense``): each image's
+    detections scoring at least ``score_threshold`` are explained (a map per detection,
+    ``camlens.dense.explain_dense``), matched greedily by score to the ground-truth boxes of
+    their class (IoU >= 0.5, one box per detection), and each matched detection is measured:
+    pointing game and energy-based pointing game of its map in its ground-truth box, deletion
+    and insertion AUC of its *detection score* (the detector's score of the detection matching
+    its box on the perturbed copies; ``score`` does not apply). ``metrics.json`` then holds,
+    per method, the means over the matched detections and the counts ``n_detections``,
+    ``n_matched``, ``n_unmatched``, ``n_missed`` (ground-truth boxes no detection matched),
+    ``n_gt`` and ``recall``; ``task`` is ``"detection"``. No report, no sanity check.
+
     Parameters:
         model: a ``Classifier``, a ``load_model`` spec, an ``nn.Module``, or a function that
             loads it (called once the output folder is checked).
@@ -88,9 +111,13 @@ def evaluate(
             or a list of ``Annotation``. Labels are class names of the model
             (case-insensitive) or class ids.
         methods: method names (``camlens.METHODS``) or method instances, a list or a
-            comma-separated string; ``"all"`` runs every registered method.
+            comma-separated string; ``"all"`` runs every registered method. None: ``cam``
+            and ``gradcam`` for a classifier, ``gradcam`` for a detector (CAM and method
+            instances are refused for a detector).
         metrics: metric names or groups (``camlens.metrics.registry.resolve_metrics``);
-            default: localisation and faithfulness. PxAP and mask IoU need masks.
+            default: localisation and faithfulness. PxAP and mask IoU need masks. A
+            detector: ``pointing_game``, ``energy_pointing_game``, ``deletion_auc``,
+            ``insertion_auc`` (default: all four; a group keeps those of them it holds).
         image_root: folder that relative image paths of ``annotations`` refer to.
         layer: feature layer for every method (default: found automatically).
         method_options: keyword arguments of the methods (``{"max_channels": 64}``,
@@ -118,6 +145,9 @@ def evaluate(
             refused unless ``resume`` (continue an interrupted run after its last complete
             batch; the settings must equal its settings) or ``overwrite`` (remove what
             camlens wrote there before, nothing else).
+        score_threshold: a detector: evaluate the detections scoring at least this.
+        iou_threshold: a detector: the IoU with which a detection on a perturbed or
+            differentiated pass is the same detection (``DetectionScores``).
 
     Returns:
         A JSON-ready dict, the content of ``metrics.json``::
@@ -172,23 +202,41 @@ def evaluate(
         )  # fmt: skip
         items, source = read_annotations(annotations, image_root)
         classifier = job_model(model, options.device)
-        instances = build_methods(classifier, methods, layer, method_options)
-        work = [Work(item, class_ids(item, classifier)) for item in items]
-        given = not isinstance(methods, str) and any(isinstance(m, CAMMethod) for m in methods)
-        task = EvaluateTask(
-            classifier,
-            tuple(instances) if given else tuple(m.name for m in instances),
-            settings,
-            layer,
-            dict(method_options or {}),
-            source,
-            max_pixels=options.max_pixels,
-        )
+        task: EvaluateTask | DetectionEvaluateTask
+        if _is_detector(classifier):
+            chosen = dense_methods(methods, method_options, classifier.module)
+            work = [Work(item, class_ids(item, classifier)) for item in items]
+            task = DetectionEvaluateTask(
+                classifier,
+                tuple(name for name, _ in chosen),
+                replace(settings, metrics=detection_metrics(metrics)),
+                layer,
+                {name: taken for name, taken in chosen},
+                source,
+                max_pixels=options.max_pixels,
+                score_threshold=score_threshold,
+                iou_threshold=iou_threshold,
+            )
+        else:
+            methods = ("cam", "gradcam") if methods is None else methods
+            instances = build_methods(classifier, methods, layer, method_options)
+            work = [Work(item, class_ids(item, classifier)) for item in items]
+            given = not isinstance(methods, str) and any(isinstance(m, CAMMethod) for m in methods)
+            task = EvaluateTask(
+                classifier,
+                tuple(instances) if given else tuple(m.name for m in instances),
+                settings,
+                layer,
+                dict(method_options or {}),
+                source,
+                max_pixels=options.max_pixels,
+            )
+        detection = isinstance(task, DetectionEvaluateTask)
         if folder is not None:
             folder.prepare(resume=options.resume, overwrite=options.overwrite)
             if folder.fresh:  # refuse a file in the way now, not after the work
-                outputs = [METRICS_FILE, EvaluateTask.records_file]
-                for name in [*outputs, REPORT_FILE] if report else outputs:
+                outputs = [METRICS_FILE, task.records_file]
+                for name in [*outputs, REPORT_FILE] if report and not detection else outputs:
                     folder.path(name)
     except ConfigError:
         if folder is not None and folder.prepared and folder.fresh:
@@ -196,17 +244,31 @@ def evaluate(
         raise
     result = run(task, work, None if folder is None else folder.root, options, folder=folder)
     summary = result.summary
-    add_sanity(
-        summary,
-        sanity_check(
-            classifier, items, task.method_names, settings,
-            n_images=sanity_images, layer=layer, stages=sanity_stages,
-        ),
-    )  # fmt: skip
+    if not detection:
+        add_sanity(
+            summary,
+            sanity_check(
+                classifier, items, task.method_names, settings,
+                n_images=sanity_images, layer=layer, stages=sanity_stages,
+            ),
+        )  # fmt: skip
     if folder is not None:
         write_json(folder.path(METRICS_FILE), summary)
-        if report:
+        if report and not detection:
             records = folder.log(EvaluateTask.records_file, EvaluateTask.parts_dir).records()
             write_evaluation_report(folder, summary, records, annotations=items, gallery=gallery)
         folder.close()
     return summary
+
+
+def _is_detector(classifier: Classifier) -> bool:
+    """Whether ``classifier`` is a detector (``model_task``). A model whose task cannot be
+    told (its output on a blank input is none of the three, or it does not run on one) is
+    left to the classifier path, which reports its own errors as before."""
+    known = classifier.info.get("task")
+    if known:
+        return known == "detection"
+    try:
+        return model_task(classifier) == "detection"
+    except Exception:  # any failure: not recognisably a detector
+        return False

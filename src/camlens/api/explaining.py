@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,8 @@ import torch
 from PIL import Image
 from torch import nn
 
+from camlens.dense import DEFAULT_SCORE_THRESHOLD, DenseExplanation
+from camlens.dense import explain_dense as run_dense
 from camlens.errors import ConfigError
 from camlens.explanation import Explanation
 from camlens.io import collect_inputs, load_image, parse_window
@@ -20,10 +22,12 @@ from camlens.io.volumes import NIFTI_SUFFIXES, collect_volumes, is_volume_path
 from camlens.layers import is_volume_model
 from camlens.methods import CAMMethod, check_method, get_method, make_method, volume_methods
 from camlens.models import Classifier, check_threshold_prob, load_model
+from camlens.models.dense import DEFAULT_IOU_THRESHOLD, TASKS, detect_task
 from camlens.pipeline import OutputFolder, RunOptions, RunResult, run
 from camlens.report.gallery import write_gallery
 from camlens.targets import Target, bind_target
 from camlens.tasks.common import output_stem
+from camlens.tasks.dense import DenseExplainTask, read_region
 from camlens.tasks.explain import ExplainTask, Style, write_image_outputs
 from camlens.tasks.volumes import VolumeExplainTask
 
@@ -135,7 +139,7 @@ def run_explain(
     inputs: str | os.PathLike | Sequence[str | os.PathLike],
     out_dir: str | os.PathLike | OutputFolder,
     *,
-    method: str = "cam",
+    method: str | None = None,
     target: Target = "top1",
     layer: str | None = None,
     method_options: dict[str, Any] | None = None,
@@ -146,6 +150,8 @@ def run_explain(
     window: str | tuple[float, float] | None = None,
     keep_uid: bool = False,
     volume_size: tuple[int, int, int] | None = None,
+    task: str | None = None,
+    dense: DenseSettings | None = None,
 ) -> RunResult:
     """Explain every input and write overlays, raw maps, ``results.jsonl`` and ``index.html``
     (what ``camlens explain`` does).
@@ -158,7 +164,8 @@ def run_explain(
             it are kept with the run's). A non-empty folder is refused unless
             ``options.resume`` (continue an interrupted run with the same settings and inputs)
             or ``options.overwrite`` (remove what camlens wrote there before; nothing else).
-        method, target, layer, method_options: as in :func:`explain`.
+        method, target, layer, method_options: as in :func:`explain`; ``method`` None:
+            ``"cam"`` for a classifier, ``"gradcam"`` for a detector or segmenter.
         style: colormap, opacity and box threshold of the overlays.
         figures: also write one figure per input with all its maps side by side.
         title: the gallery's title.
@@ -170,6 +177,13 @@ def run_explain(
         volume_size: with a 3-D model (one with ``nn.Conv3d`` layers), NIfTI files, DICOM
             series folders and multi-frame DICOM files are explained as volumes
             (:func:`run_explain_volumes`), resized to this (D, H, W) (``--volume-size``).
+        task: ``"classification"``, ``"segmentation"`` or ``"detection"`` (``--task``);
+            None: from the model (``camlens.models.dense.detect_task``). A segmenter or
+            detector is explained per class region or per detection
+            (``camlens.tasks.dense``; ``target`` does not apply; ``method`` "cam" is refused
+            there, None means "gradcam").
+        dense: a detector's or segmenter's options (``DenseSettings``: score and IoU
+            thresholds, a region mask, the classes).
 
     Returns:
         A ``RunResult``: ``n_inputs``, ``n_ok``, ``n_error`` (inputs that could not be read),
@@ -190,14 +204,17 @@ def run_explain(
     """
     options = options or RunOptions()
     folder = job_folder(out_dir, options)
-    check_method(method, method_options)
+    if task is not None and task not in TASKS:
+        raise ConfigError(f"task {task!r}: expected one of {', '.join(TASKS)}")
+    if method is not None:
+        check_method(method, method_options)
     style = (style or Style()).check()
     bounds = parse_window(window)
     as_volumes = functools.partial(
         run_explain_volumes,
         inputs=inputs,
         out_dir=folder,
-        method=method,
+        method=method or "cam",
         target=target,
         layer=layer,
         method_options=method_options,
@@ -216,6 +233,21 @@ def run_explain(
     classifier = job_model(model, options.device)
     if is_volume_model(classifier.module):  # e.g. multi-frame DICOM files for a 3-D model
         return as_volumes(classifier)
+    task = task or model_task(classifier)
+    if task != "classification":
+        dense_task = DenseExplainTask(
+            classifier,
+            task,
+            method or "gradcam",
+            layer,
+            dict(method_options or {}),
+            style,
+            **asdict(dense or DenseSettings()),
+            max_pixels=options.max_pixels,
+        )
+        subtitle = f"model {classifier.name} · {task} · method {dense_task.method}"
+        return _run_with_gallery(dense_task, paths, folder, options, title=title, subtitle=subtitle)
+    method = method or "cam"
     task = ExplainTask(
         classifier,
         method,
@@ -312,8 +344,45 @@ def run_explain_volumes(
     return _run_with_gallery(task, paths, folder, options, title=title, subtitle=subtitle)
 
 
+@dataclass(frozen=True)
+class DenseSettings:
+    """What a detector's or segmenter's explanation needs beyond the method
+    (``camlens.tasks.dense.DenseExplainTask``).
+
+    Attributes:
+        score_threshold: explain the detections scoring at least this (``--score-threshold``).
+        iou_threshold: the IoU that matches a detection to its reference on each pass.
+        region: a mask image: each class predicted inside it is explained over it
+            (``--region``); None: each class over its predicted pixels.
+        classes: the classes to explain (``--classes``); None: every predicted class but the
+            background.
+    """
+
+    score_threshold: float = DEFAULT_SCORE_THRESHOLD
+    iou_threshold: float = DEFAULT_IOU_THRESHOLD
+    region: str | None = None
+    classes: tuple[str, ...] | None = None
+
+
+def model_task(classifier: Classifier) -> str:
+    """The task of a loaded model: what it records (``info["task"]``), else what its output
+    on a blank input means (``camlens.models.dense.detect_task``); a model that fails on that
+    probe (another number of channels...) or whose output means nothing is taken for a
+    classifier, whose own checks then explain what is wrong."""
+    known = classifier.info.get("task")
+    if known:
+        return str(known)
+    height, width = classifier.input_size
+    example = torch.zeros((1, 3, height, width), device=classifier.device, dtype=classifier.dtype)
+    try:
+        return detect_task(classifier.module, example)
+    except Exception:
+        # own errors are reported by the classifier path, with its messages)
+        return "classification"
+
+
 def _run_with_gallery(
-    task: ExplainTask | VolumeExplainTask,
+    task: ExplainTask | VolumeExplainTask | DenseExplainTask,
     paths: Sequence[Path],
     folder: OutputFolder,
     options: RunOptions,
@@ -410,3 +479,70 @@ def job_model(
     if callable(model) and not isinstance(model, nn.Module):
         return model()
     return load_model(model, device=device)
+
+
+def explain_dense(
+    model: Classifier | nn.Module | str,
+    image: str | os.PathLike | Image.Image | torch.Tensor,
+    *,
+    task: str | None = None,
+    method: str = "gradcam",
+    layer: str | Sequence[str] | None = None,
+    method_options: dict[str, Any] | None = None,
+    settings: DenseSettings | None = None,
+) -> DenseExplanation:
+    """Explain one image of a detector (a map per detection) or a segmenter (a map per class
+    over its region): ``camlens.dense.explain_dense`` on a path, a PIL image or a tensor.
+
+    Parameters:
+        model: a ``Classifier``, a ``load_model`` spec or an ``nn.Module``.
+        image: a path or PIL image (preprocessed as the model wants), or a preprocessed
+            tensor (C, H, W) or (1, C, H, W).
+        task: ``"detection"`` or ``"segmentation"``; None: found from the model.
+        method, layer, method_options: as in ``camlens.dense.explain_dense``.
+        settings: thresholds, region mask file and classes (``DenseSettings``).
+
+    Returns:
+        A ``camlens.dense.DenseExplanation``: ``objects`` (the detections or class regions),
+        ``maps`` (1, K, H, W), ``image_overlays(0)``.
+
+    Example:
+        >>> from torch import nn
+        >>> segmenter = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+        ...                           nn.Conv2d(8, 2, 1))  # (N, 2, H, W) logits
+        >>> model = camlens.load_model(segmenter, labels=["background", "cat"], input_size=64)
+        >>> result = camlens.explain_dense(model, "cat.jpg",
+        ...                                settings=camlens.DenseSettings(classes=("cat",)))
+        >>> result.task, result.layer, [o["label"] for o in result.objects], result.maps.shape
+        ('segmentation', '1', ['cat'], torch.Size([1, 1, 64, 64]))
+
+        A detector: ``camlens.load_model("torchvision:fasterrcnn_mobilenet_v3_large_320_fpn",
+        weights="detector.safetensors")``; ``result.objects`` then lists each detection's
+        ``box``, ``label`` and ``score``.
+    """
+    classifier = model if isinstance(model, Classifier) else load_model(model)
+    settings = settings or DenseSettings()
+    picture, source, size = None, None, None
+    if isinstance(image, torch.Tensor):
+        x = image if image.ndim == 4 else image[None]
+    else:
+        picture = load_image(image)
+        source = str(image) if not isinstance(image, Image.Image) else None
+        size = picture.size
+        x = classifier.preprocess(picture)
+    region = None if settings.region is None else read_region(settings.region)
+    return run_dense(
+        classifier,
+        x.to(device=classifier.device, dtype=classifier.dtype),
+        task=task,
+        method=method,
+        layer=layer,
+        method_options=method_options,
+        score_threshold=settings.score_threshold,
+        iou_threshold=settings.iou_threshold,
+        region=region,
+        classes=settings.classes,
+        image=picture,
+        source=source,
+        size=size,
+    )

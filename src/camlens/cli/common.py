@@ -96,8 +96,9 @@ MODEL_HELP = (
 
 @dataclass(frozen=True)
 class ModelFiles:
-    """``--weights``, ``--labels``, ``--trust-model``, ``--random-weights``, ``--multilabel``
-    and ``--threshold-prob`` (None: the model's own, e.g. what a trained folder records)."""
+    """``--weights``, ``--labels``, ``--trust-model``, ``--random-weights``, ``--multilabel``,
+    ``--threshold-prob`` and ``--input-size`` (None: the model's own, e.g. what a trained
+    folder records)."""
 
     weights: Path | None = None
     labels: Path | None = None
@@ -105,6 +106,7 @@ class ModelFiles:
     random_weights: bool = False
     multilabel: bool | None = None
     threshold_prob: float | None = None
+    input_size: int | None = None
 
     @property
     def given(self) -> bool:
@@ -132,6 +134,7 @@ class ModelChoice:
             device=device,
             multilabel=self.files.multilabel,
             threshold_prob=self.files.threshold_prob,
+            input_size=self.files.input_size,
         )
         if classifier.info.get("format") == "torchscript":
             raise ConfigError(TORCHSCRIPT_NOT_HOOKABLE.format(name=self.spec, path=self.spec))
@@ -144,10 +147,24 @@ def model_file_options(function):
 
     @functools.wraps(function)
     def command(
-        *args, weights, labels, trust_model, random_weights, multilabel, threshold_prob, **kwargs
+        *args,
+        weights,
+        labels,
+        trust_model,
+        random_weights,
+        multilabel,
+        threshold_prob,
+        input_size,
+        **kwargs,
     ):
         files = ModelFiles(
-            weights, labels, trust_model, random_weights, multilabel or None, threshold_prob
+            weights,
+            labels,
+            trust_model,
+            random_weights,
+            multilabel or None,
+            threshold_prob,
+            input_size,
         )
         return function(*args, model_files=files, **kwargs)
 
@@ -196,6 +213,15 @@ def model_file_options(function):
                 help="Multi-label: the sigmoid probability a class needs to be predicted "
                 "(default 0.5).",
             ),
+            click.option(
+                "--input-size",
+                type=click.IntRange(min=8),
+                default=None,
+                help="Side in pixels that every image is resized to for the model (default: "
+                "the model's own, 224 for torchvision and timm classifiers and segmenters, "
+                "the detector's min_size for torchvision detectors, whose own resizing then "
+                "uses this size too).",
+            ),
         ],
     )
 
@@ -218,7 +244,8 @@ def model_options(function):
 METHOD_HELP = (
     "cam: exact, for GAP + linear heads. Gradients (any CNN): gradcam, gradcam++, hirescam, "
     "xgradcam, layercam. Perturbations: scorecam, ablationcam (slow: one forward per channel; "
-    "see --max-channels). eigencam: class-agnostic. random: a baseline."
+    "see --max-channels). eigencam: class-agnostic. drise: random masks (D-RISE, "
+    "detectors; RISE, classifiers). random: a baseline."
 )
 
 MAX_CHANNELS_HELP = "scorecam/ablationcam: use only the N most active channels (faster)."
@@ -238,7 +265,7 @@ layer_option = click.option(
 )
 
 
-def method_options(function=None, *, default: str = "cam", several: bool = False):
+def method_options(function=None, *, default: str | None = "cam", several: bool = False):
     """``--method``, ``--max-channels``, ``--smooth``, ``--aug-smooth`` and
     ``--eigen-smooth``; the command gets ``method`` (the name, or comma-separated names with
     ``several``) and ``method_options`` (the options given, as keyword arguments of the
@@ -257,6 +284,8 @@ def method_options(function=None, *, default: str = "cam", several: bool = False
             return function(*args, method_options=chosen, **kwargs)
 
         help_text = METHOD_HELP
+        if default is None:
+            help_text += " Default: cam for classifiers, gradcam for detectors and segmenters."
         if several:
             help_text = "Comma-separated methods, or 'all'. " + METHOD_HELP
         return _add(
@@ -433,7 +462,7 @@ def deprecated_option(old: str, new: str, dest: str, **attrs: Any):
     return decorate
 
 
-def job_options(out_help: str, *, method: str = "cam", several: bool = False):
+def job_options(out_help: str, *, method: str | None = "cam", several: bool = False):
     """The options of the commands that run a model over many inputs (explain, evaluate,
     audit), in this order: ``--out``, :func:`model_options`, :func:`method_options` and
     ``--layer``. Put :func:`run_options` last, after the command's own options."""

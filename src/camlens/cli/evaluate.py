@@ -27,7 +27,7 @@ METRIC_GROUPS = (
 @job_options(
     "Output folder (created): metrics.json, report.html, curves/, gallery/, and "
     "evaluation.jsonl (one record per image; the maps the report shows in parts/).",
-    method="cam,gradcam",
+    method=None,
     several=True,
 )
 @click.option(
@@ -94,12 +94,27 @@ METRIC_GROUPS = (
     help="Images used by the sanity check (with --metrics sanity).",
 )
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed (ROAD, sanity).")
+@click.option(
+    "--score-threshold",
+    default=0.5,  # camlens.dense.DEFAULT_SCORE_THRESHOLD
+    show_default=True,
+    type=click.FloatRange(0.0, 1.0),
+    help="Detectors: evaluate the detections scoring at least this.",
+)
+@click.option(
+    "--iou-threshold",
+    default=0.5,  # camlens.models.dense.DEFAULT_IOU_THRESHOLD
+    show_default=True,
+    type=click.FloatRange(0.0, 1.0, min_open=True),
+    help="Detectors: the IoU with the original box that a detection of the same class needs, "
+    "on each perturbed or differentiated pass, to count as the same detection.",
+)
 @run_options
 def evaluate(
     annotations: Path,
     out_dir: Path,
     model: ModelChoice,
-    method: str,
+    method: str | None,
     method_options: dict,
     metrics: str | None,
     image_root: Path | None,
@@ -112,14 +127,23 @@ def evaluate(
     gallery: int,
     sanity_images: int,
     seed: int,
+    score_threshold: float,
+    iou_threshold: float,
     options: RunOptions,
 ) -> None:
     """Score heat-map methods on annotated images: metrics.json and report.html.
 
     ANNOTATIONS is a CSV (image,x0,y0,x1,y1,label), a COCO .json, Pascal VOC .xml files or a
     folder with images/ and masks/. Labels are the model's class names. --method takes a
-    comma-separated list or 'all' (default: cam,gradcam); --max-channels, --smooth,
-    --aug-smooth and --eigen-smooth reach every method that takes them.
+    comma-separated list or 'all' (default: cam,gradcam; gradcam for a detector);
+    --max-channels, --smooth, --aug-smooth and --eigen-smooth reach every method that takes
+    them.
+
+    A detector (e.g. --model torchvision:fasterrcnn_mobilenet_v3_large_320_fpn --weights W)
+    is evaluated per detection: each detection scoring at least --score-threshold is matched
+    to a ground-truth box of its class (IoU >= 0.5, greedy by score) and its map is measured
+    in that box (pointing game, energy) and by deletion/insertion of its detection score;
+    metrics.json also counts the detections, matched ones and missed boxes (no report).
 
     Each batch's records are appended to OUT/evaluation.jsonl as it completes, so a killed
     run continues with --resume (same settings; complete batches are kept). A non-empty --out
@@ -164,6 +188,8 @@ def evaluate(
             tolerance=tolerance,
             sanity_images=sanity_images,
             seed=seed,
+            score_threshold=score_threshold,
+            iou_threshold=iou_threshold,
             out_dir=folder,
             gallery=gallery,
             options=options,
@@ -171,7 +197,10 @@ def evaluate(
 
     result = run_or_exit(job)
     click.echo(_summary_table(result))
-    click.echo(f"-> {out_dir / 'metrics.json'}, {out_dir / 'report.html'}")
+    written = [out_dir / "metrics.json"]
+    if result.get("task") != "detection":  # a detector's evaluation writes no report
+        written.append(out_dir / "report.html")
+    click.echo(f"-> {', '.join(map(str, written))}")
     if result["n_images"] == 0:
         click.echo("Error: no image could be evaluated; see 'errors' in metrics.json", err=True)
     sys.exit(exit_status(result["n_images"], result["n_failed"]))
@@ -182,10 +211,8 @@ def _summary_table(result: dict) -> str:
     methods = result["methods"]
     keys = [k for k in result["metrics"] if any(v.get(k) is not None for v in methods.values())]
     width = max([len("method"), *(len(m) for m in methods)])
-    head = (
-        f"{result['n_images']} images, {result['n_instances']} annotated classes, "
-        f"{result['n_failed']} failed"
-    )
+    annotated = "ground-truth boxes" if result.get("task") == "detection" else "annotated classes"
+    head = f"{result['n_images']} images, {result['n_instances']} {annotated}, {result['n_failed']} failed"
     if {"deletion_auc", "insertion_auc"} & set(result["metrics"]):
         head += f"; deletion/insertion: {result['settings']['steps']} steps"
     lines = [

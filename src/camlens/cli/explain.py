@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 @click.command()
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
-@job_options("Output folder (created): overlays/, raw/, results.jsonl, index.html.")
+@job_options("Output folder (created): overlays/, raw/, results.jsonl, index.html.", method=None)
 @click.option(
     "--target",
     default="top1",
@@ -70,12 +70,51 @@ if TYPE_CHECKING:
     "slices,rows,columns. Default: 16,112,112 for torchvision models, else 16 slices of the "
     "model's input size.",
 )
+@click.option(
+    "--task",
+    type=click.Choice(["classification", "segmentation", "detection"]),
+    default=None,
+    help="What the model does. Default: found from its output (logits: classification; "
+    "(N, C, H, W) maps or a dict with 'out': segmentation; a list of dicts with boxes, labels "
+    "and scores: detection). Segmenters get a map per predicted class over its pixels, "
+    "detectors a map per detection.",
+)
+@click.option(
+    "--score-threshold",
+    default=0.5,
+    show_default=True,
+    type=click.FloatRange(0.0, 1.0),
+    help="Detection: explain the detections scoring at least this.",
+)
+@click.option(
+    "--iou-threshold",
+    default=0.5,
+    show_default=True,
+    type=click.FloatRange(0.0, 1.0, min_open=True),
+    help="Detection: the IoU with the original box that a detection of the same class needs, "
+    "on each perturbed or differentiated pass, to count as the same detection.",
+)
+@click.option(
+    "--region",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Segmentation: a mask image (white = inside), resized to each input; every class "
+    "predicted inside it is explained by its logits summed over the mask. Default: each "
+    "class over the pixels predicted as that class.",
+)
+@click.option(
+    "--classes",
+    default=None,
+    metavar="A,B",
+    help="Segmentation: the classes to explain (names or ids, comma-separated), even where "
+    "none of their pixels is predicted. Default: every predicted class but the background.",
+)
 @run_options
 def explain(
     inputs: tuple[Path, ...],
     out_dir: Path,
     model: ModelChoice,
-    method: str,
+    method: str | None,
     method_options: dict,
     target: str,
     layer: str | None,
@@ -86,6 +125,11 @@ def explain(
     window: tuple[float, float] | None,
     keep_uid: bool,
     volume_size: tuple[int, int, int] | None,
+    task: str | None,
+    score_threshold: float,
+    iou_threshold: float,
+    region: Path | None,
+    classes: str | None,
     options: RunOptions,
 ) -> None:
     """Explain images: an overlay per explained class, raw maps, results.jsonl, index.html.
@@ -95,13 +139,24 @@ def explain(
     files without a suffix included). Unreadable inputs are reported
     in results.jsonl and the rest are processed. With a 3-D model, NIfTI files and DICOM
     series folders are explained as volumes: a slice montage PNG and a NIfTI map per class
-    (montages/, maps/), 3-D boxes in voxels and world mm in results.jsonl. A non-empty --out is refused unless --resume
+    (montages/, maps/), 3-D boxes in voxels and world mm in results.jsonl. Detectors
+    (e.g. --model torchvision:fasterrcnn_mobilenet_v3_large_320_fpn --weights W) get a map
+    per detection with its box drawn, segmenters (torchvision:lraspp_mobilenet_v3_large...)
+    a map per class over its region with the outline drawn (see --task).
+    A non-empty --out is refused unless --resume
     (same settings and inputs) or --overwrite (removes only what camlens wrote there).
 
     Exit status: 0 all inputs done, 1 some inputs failed, 2 usage or configuration error.
     """
-    from camlens.api.explaining import run_explain
+    from camlens.api.explaining import DenseSettings, run_explain
     from camlens.tasks.explain import Style
+
+    dense = DenseSettings(
+        score_threshold,
+        iou_threshold,
+        None if region is None else str(region),
+        None if classes is None else tuple(c.strip() for c in classes.split(",") if c.strip()),
+    )
 
     style = run_or_exit(lambda: Style(colormap, alpha, threshold, overlay_size).check())
     result = run_or_exit(
@@ -118,6 +173,8 @@ def explain(
             window=window,
             keep_uid=keep_uid,
             volume_size=volume_size,
+            task=task,
+            dense=dense,
         )
     )
     finish_run(result, _summary(result))

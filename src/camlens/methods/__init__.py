@@ -35,11 +35,13 @@ from camlens.methods.registry import (
     methods_for,
     options_for,
 )
+from camlens.methods.rise import DRISE
 from camlens.methods.statistical import FEM
 
 __all__ = [
     "ALIASES",
     "CAM",
+    "DRISE",
     "FEM",
     "KPCACAM",
     "METHODS",

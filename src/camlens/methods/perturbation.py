@@ -120,7 +120,9 @@ class ScoreCAM(PerturbationMethod):
     ``max_channels``; all targets of an image share them.
 
     A similarity target (``camlens.targets.Similarity``) replaces the class probability by
-    the similarity of the masked input: ``w_k = cos(e(X * H_k), e(r))``.
+    the similarity of the masked input: ``w_k = cos(e(X * H_k), e(r))``; a detector's or
+    segmenter's target (``camlens.models.dense.TargetScores``) by its score on the masked
+    input (the matched detection's score, the region's summed logits).
 
     Wang, Wang, Du, Yang, Zhang, Ding, Mardziel, Hu, "Score-CAM: Score-Weighted Visual
     Explanations for Convolutional Neural Networks", CVPR Workshops 2020.
@@ -139,8 +141,10 @@ class ScoreCAM(PerturbationMethod):
             for image, channel, inputs in self.perturbed_batches(x, images, channels):
                 masks = self._masks(maps[image, channel], x.shape[-2:]).to(x.dtype)
                 if step.similarity is None:
-                    probs = self.scores(inputs.mul_(masks)).softmax(dim=1)
-                    weights[image, :, channel] = probs.gather(1, targets[image])
+                    scores = self.scores(inputs.mul_(masks))
+                    if not getattr(self.module, "outputs_are_scores", False):
+                        scores = scores.softmax(dim=1)
+                    weights[image, :, channel] = scores.gather(1, targets[image])
                 else:  # the similarity of the masked input is the weight
                     masked = inputs.mul_(masks)
                     weights[image, :, channel] = self.similarity_of(masked, step.similarity)

@@ -30,6 +30,7 @@ from camlens.methods.gradient import (
 from camlens.methods.guided import FullGrad, GuidedBackprop, GuidedGradCAM
 from camlens.methods.perturbation import AblationCAM, ScoreCAM
 from camlens.methods.projection import KPCACAM, EigenCAM, EigenGradCAM
+from camlens.methods.rise import DRISE
 from camlens.methods.statistical import FEM
 from camlens.models import Classifier
 
@@ -54,6 +55,7 @@ METHODS: dict[str, type[CAMMethod]] = {
         GuidedBackprop,
         GuidedGradCAM,
         FullGrad,
+        DRISE,
         AttentionRollout,
         GradientRollout,
         RandomCAM,

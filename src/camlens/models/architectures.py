@@ -21,11 +21,17 @@ from collections.abc import Callable
 from functools import partial
 from types import ModuleType
 
+import torch
 from torch import nn
 
 from camlens.errors import ConfigError
 from camlens.models.checkpoints import count_classes, replace_output_layer
 from camlens.models.classifier import IMAGENET_MEAN, IMAGENET_STD, Classifier
+from camlens.models.dense import (
+    DEFAULT_DENSE_CLASSES,
+    dense_architecture_task,
+    dense_checkpoint_classes,
+)
 from camlens.models.efficientnet_lite import efficientnet_lite0
 
 #: Built-in names -> builders of the pretrained ``Classifier``.
@@ -85,6 +91,9 @@ def library_classifier(spec: str, module: nn.Module) -> Classifier:
     timm models describe theirs in ``pretrained_cfg``; torchvision models use 224 x 224 and
     the ImageNet mean and standard deviation.
     """
+    task = dense_architecture_task(spec)
+    if task is not None:
+        return _dense_classifier(spec, module, task)
     config = getattr(module, "pretrained_cfg", None) or {}
     size = tuple(config.get("input_size", (3, 224, 224))[1:])
     return Classifier(
@@ -94,6 +103,29 @@ def library_classifier(spec: str, module: nn.Module) -> Classifier:
         mean=tuple(config.get("mean", IMAGENET_MEAN)),
         std=tuple(config.get("std", IMAGENET_STD)),
         name=spec,
+    )
+
+
+def _dense_classifier(spec: str, module: nn.Module, task: str) -> Classifier:
+    """A torchvision detector or segmenter, with what its task needs.
+
+    A detector normalises and resizes its input itself (``module.transform``): it gets
+    pixels in [0, 1] (mean 0, std 1), at a square of its ``min_size``. A segmenter gets the
+    ImageNet normalisation at 224 x 224 (``input_size`` changes it). ``info`` holds the
+    ``task`` and ``num_classes`` (their class layers are not a final ``nn.Linear``).
+    """
+    with torch.device("meta"):
+        probe = module_builder(spec)()
+    classes = dense_checkpoint_classes(module.state_dict(), probe, task)
+    info = {"task": task, "num_classes": classes or DEFAULT_DENSE_CLASSES[task]}
+    if task == "detection":
+        min_size = getattr(getattr(module, "transform", None), "min_size", (320,))
+        side = int(min_size[0] if isinstance(min_size, (tuple, list)) else min_size)
+        mean, std, size = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), (side, side)
+    else:
+        mean, std, size = IMAGENET_MEAN, IMAGENET_STD, (224, 224)
+    return Classifier(
+        module=module.eval(), labels=[], input_size=size, mean=mean, std=std, name=spec, info=info
     )
 
 

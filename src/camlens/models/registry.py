@@ -30,6 +30,11 @@ from camlens.models.checkpoints import (
     read_state_dict,
 )
 from camlens.models.classifier import Classifier, check_threshold_prob
+from camlens.models.dense import (
+    dense_architecture_task,
+    dense_checkpoint_classes,
+    resize_detector_input,
+)
 from camlens.models.devices import check_device
 from camlens.models.huggingface import (
     is_huggingface_spec,
@@ -89,7 +94,9 @@ def load_model(
         num_classes: number of outputs for a named architecture (default: from ``weights``,
             else the architecture's default, 1000 for ImageNet models).
         device: where to put the model (``"cpu"``, ``"cuda"``...).
-        input_size: the size ``preprocess`` resizes to, as ``S`` or ``(H, W)``.
+        input_size: the size ``preprocess`` resizes to, as ``S`` or ``(H, W)``; a torchvision
+            detector's own resizing (``transform.min_size``, ``max_size``) is set to it too,
+            so that the image is not resized twice.
         output: how to select the logits when the module returns a tuple or dict.
         random_weights: allow a network with random weights: a torchvision or timm
             architecture without ``weights``, an ``hf:`` folder without weights, or the
@@ -141,7 +148,7 @@ def load_model(
     classifier = _build(spec, weights, num_classes, trust_model, random_weights)
     if weights is not None:
         classifier.info["weights"] = str(weights)
-    n_classes = count_classes(classifier.module)
+    n_classes = classifier.info.get("num_classes") or count_classes(classifier.module)
     if labels is not None:
         names = read_labels(labels) if isinstance(labels, (str, os.PathLike)) else list(labels)
         source = f"labels file {labels}" if isinstance(labels, (str, os.PathLike)) else "labels"
@@ -150,6 +157,7 @@ def load_model(
     if input_size is not None:
         size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
         classifier.input_size = size
+        resize_detector_input(classifier.module, size)
     if output is not None:
         classifier.output = output
     if multilabel is not None:
@@ -270,11 +278,36 @@ def _library(
                 "weights file the network would have random weights"
             )
         )
-    wanted = _classes_wanted(state, num_classes, build, spec)
+    task = dense_architecture_task(spec)
+    if task is None:
+        wanted = _classes_wanted(state, num_classes, build, spec)
+    else:
+        wanted = _dense_classes_wanted(state, num_classes, build, spec, task)
     module = build(num_classes=wanted) if wanted is not None else build()
     if state is not None:
         load_weights(module, state, source=spec)
     return library_classifier(spec, module)
+
+
+def _dense_classes_wanted(
+    state: StateDict | None,
+    num_classes: int | None,
+    build: Callable[[], nn.Module],
+    spec: str,
+    task: str,
+) -> int | None:
+    """The classes of a torchvision detector or segmenter: from its weights (their class
+    layers, ``dense_checkpoint_classes``), else ``num_classes``."""
+    if state is None:
+        return num_classes
+    with torch.device("meta"):
+        probe = build()
+    from_weights = dense_checkpoint_classes(state, probe, task)
+    if num_classes is not None and from_weights not in (None, num_classes):
+        raise ConfigError(
+            f"num_classes={num_classes} but the weights for {spec} have {from_weights} classes"
+        )
+    return from_weights if from_weights is not None else num_classes
 
 
 def _random_weights_message(problem: str) -> str:

@@ -13,7 +13,9 @@ Records follow the ``results.jsonl`` contract::
                "overlay": "overlays/0001_cat_c285.png", "box": [x0, y0, x1, y1]}, ...],
      "raw": "raw/0001_cat.npz", ...}
 
-Extra keys are ignored; missing optional keys are tolerated.
+Detector and segmenter records (``"task": "detection"`` / ``"segmentation"``) hold their maps
+in ``"detections"`` / ``"segments"`` instead of ``"maps"``, entries of the same shape (see
+``camlens.tasks.dense``). Extra keys are ignored; missing optional keys are tolerated.
 """
 
 from __future__ import annotations
@@ -121,7 +123,8 @@ def _card(record: Mapping[str, Any], figures: Mapping[str, str]) -> dict[str, An
         return card
     figure = record.get("figure") or figures.get(name)
     card["figure"] = _rel_src(figure) if figure else None
-    card["maps"] = [_map_view(m) for m in record.get("maps") or []]
+    entries = record.get("maps") or record.get("detections") or record.get("segments") or []
+    card["maps"] = [_map_view(m) for m in entries]
     card["predictions"] = [
         _prediction_view(rank, p) for rank, p in enumerate(record.get("predictions") or [], 1)
     ]

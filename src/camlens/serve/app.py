@@ -32,6 +32,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 import camlens
+from camlens.dense import DEFAULT_SCORE_THRESHOLD
 from camlens.errors import ConfigError
 from camlens.io import DEFAULT_MAX_PIXELS, ImageLoadError
 from camlens.io.samples import SAMPLES
@@ -42,9 +43,12 @@ from camlens.serve import schemas
 from camlens.serve.docs import offline_fastapi
 from camlens.serve.guard import HostOriginGuard
 from camlens.serve.jobs import (
+    DENSE_DEFAULT_METHOD,
+    DENSE_TASKS,
     MAX_TOPK,
     PAGE_COLORMAPS,
     PERTURBATION_CHANNELS,
+    PERTURBATION_MASKS,
     ExplainRequest,
     check_colormap,
     check_sample,
@@ -178,6 +182,7 @@ def create_app(
     default_method = get_method(method).name
     method_options = {
         "max_channels": max_channels,
+        "n_masks": PERTURBATION_MASKS,
         "smooth": smooth,
         "aug_smooth": aug_smooth,
         "eigen_smooth": eigen_smooth,
@@ -230,11 +235,19 @@ def create_app(
 
     @app.get("/api/models", response_model=schemas.ModelsResponse, summary="What can be chosen")
     def list_models() -> dict[str, Any]:
+        methods = methods_for(store.get(None, public=True).module)
+        shown_method = default_method
+        task = store.task(None)
+        if task in DENSE_TASKS:  # CAM needs a classifier's head
+            methods = [name for name in methods if name != "cam"]
+            shown_method = DENSE_DEFAULT_METHOD if default_method == "cam" else default_method
         return {
             "models": store.names,
             "default_model": store.default,
-            "methods": methods_for(store.get(None, public=True).module),
-            "default_method": default_method,
+            "methods": methods,
+            "default_method": shown_method,
+            "default_task": task,
+            "tasks": store.known_tasks(),
             "colormaps": list(PAGE_COLORMAPS),
             "samples": list(SAMPLES),
             "max_upload_mb": max_upload_mb,
@@ -262,7 +275,8 @@ def create_app(
         "/api/explain",
         response_model=schemas.ExplainResponse,
         responses=_ERRORS,
-        summary="Explain an image: top-5 predictions and class activation maps",
+        summary="Explain an image: top-5 predictions and class activation maps (a detector's "
+        "or segmenter's: its detections or class regions, each with its map)",
     )
     async def explain_image(
         request: Request,
@@ -282,16 +296,27 @@ def create_app(
         ] = "top1",
         colormap: Annotated[str, Form(description="Matplotlib colour map.")] = "jet",
         alpha: Annotated[float, Form(ge=0.0, le=1.0, description="Heat-map opacity.")] = 0.5,
+        score_threshold: Annotated[
+            float,
+            Form(
+                ge=0.0,
+                le=1.0,
+                description="Detector: explain the detections scoring at least this.",
+            ),
+        ] = DEFAULT_SCORE_THRESHOLD,
     ) -> dict[str, Any]:
         if (file is None) == (sample is None):
             raise ConfigError("send exactly one of: an image as 'file', or a 'sample' name")
+        method_name = get_method(method or default_method).name
         job = ExplainRequest(
             model=store.check(model),
-            method=get_method(method or default_method).name,
+            method=method_name,
             target=parse_target(target),
             colormap=check_colormap(colormap),
             alpha=alpha,
             sample=check_sample(sample) if sample is not None else None,
+            score_threshold=score_threshold,
+            method_is_default=method_name == default_method,
         )
         if file is not None:
             data = await file.read(max_upload_bytes + 1)

@@ -8,6 +8,11 @@ itself as an 8-bit gray PNG whose value ``v = min(255, floor(256 * map))`` is th
 256-entry colour table (``colormap_table``), the same quantisation matplotlib applies. The
 page blends ``heatmap`` with the photo itself, so the opacity slider and the colour-map choice
 redraw at once and give the same pixels as the server's ``overlay``.
+
+A detector or a segmenter (``ModelStore.task``) is explained by ``camlens.dense.explain_dense``
+instead: the response's ``task`` says which, ``predictions`` and ``maps`` are empty and
+``objects`` lists the detections (their boxes) or class regions (their size, and their
+``mask`` as a gray PNG), each with its map in the same two forms.
 """
 
 from __future__ import annotations
@@ -23,12 +28,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from camlens.dense import DEFAULT_SCORE_THRESHOLD, DenseExplanation, explain_dense
 from camlens.errors import ConfigError
 from camlens.explanation import Explanation
 from camlens.io import DEFAULT_MAX_PIXELS, resized_pixels
 from camlens.io.samples import SAMPLES, sample_image
 from camlens.methods import make_method, options_for
-from camlens.render import colorize, colormap_indices, overlay
+from camlens.models import Classifier
+from camlens.render import colorize, colormap_indices, overlay, resize_mask
 from camlens.serve.models import ModelStore
 from camlens.serve.uploads import decode_upload
 from camlens.targets import class_index
@@ -46,6 +53,10 @@ PAGE_COLORMAPS = ("jet", "turbo", "viridis", "inferno", "magma", "gray")
 #: "faster Score-CAM" selection, ``max_channels``): all 1280 channels of EfficientNet-Lite0
 #: take minutes per image on a CPU, far too long for a page.
 PERTURBATION_CHANNELS = 64
+
+#: D-RISE draws this many random masks per image on the page (its default, 1,000 masked
+#: forward passes, takes tens of seconds per image on a CPU).
+PERTURBATION_MASKS = 200
 
 #: Zhou et al. 2016: the box around the largest region above 20 % of the map's maximum.
 BOX_THRESHOLD = 0.2
@@ -66,6 +77,16 @@ class ExplainRequest:
     upload: bytes | None = None
     filename: str | None = None
     sample: str | None = None
+    score_threshold: float = DEFAULT_SCORE_THRESHOLD
+    method_is_default: bool = False
+
+
+#: The tasks ``camlens.dense.explain_dense`` explains (one map per detection or class region).
+DENSE_TASKS = ("detection", "segmentation")
+
+#: A detector's or segmenter's method when the request asks for the server's default CAM,
+#: which needs a classifier's head (an explicitly chosen CAM is refused).
+DENSE_DEFAULT_METHOD = "gradcam"
 
 
 def parse_target(text: str | None) -> str | int:
@@ -127,12 +148,12 @@ def run_request(
     else:
         image = sample_image(check_sample(request.sample or ""))
     wanted = {k: v for k, v in (method_options or {}).items() if v}
+    task = store.task(request.model)
+    if task in DENSE_TASKS:
+        return _run_dense(store, request, image, task, wanted, layer)
     options = options_for(request.method, wanted)
     method = make_method(classifier, request.method, layer, **options)
-    # camlens.explain's steps on the decoded image itself: explain() would check it against
-    # the library's default pixel budget (not the server's) and copy it once more.
-    pixels = torch.from_numpy(np.stack([resized_pixels(image, classifier.input_size)]))
-    batch = classifier.normalize(pixels.permute(0, 3, 1, 2))
+    batch = _model_input(classifier, image)
     target = request.target
     if isinstance(target, str) and not _TOPK.match(target):
         # Looked up here, so that the library never reads a name as an id or "topK".
@@ -154,6 +175,122 @@ def run_request(
     )
     payload["method_options"] = options
     return payload
+
+
+def _model_input(classifier: Classifier, image: Image.Image) -> torch.Tensor:
+    """camlens.explain's steps on the decoded image itself: explain() would check it against
+    the library's default pixel budget (not the server's) and copy it once more."""
+    pixels = torch.from_numpy(np.stack([resized_pixels(image, classifier.input_size)]))
+    return classifier.normalize(pixels.permute(0, 3, 1, 2))
+
+
+def _run_dense(
+    store: ModelStore,
+    request: ExplainRequest,
+    image: Image.Image,
+    task: str,
+    wanted: dict[str, Any],
+    layer: str | None,
+) -> dict[str, Any]:
+    """A detector's or segmenter's request: ``explain_dense`` on the image (the request's
+    ``target`` does not apply), then ``dense_payload``."""
+    classifier = store.get(request.model, public=True)
+    method = request.method
+    if method == "cam" and request.method_is_default:
+        method = DENSE_DEFAULT_METHOD
+    options = options_for(method, wanted)
+    options.pop("aug_smooth", None)  # a flipped image moves the detections and regions
+    batch = _model_input(classifier, image)
+    with store.lock(request.model):
+        explanation = explain_dense(
+            classifier,
+            batch,
+            task=task,
+            method=method,
+            layer=layer,
+            method_options=options,
+            score_threshold=request.score_threshold,
+            image=image,
+            size=tuple(image.info.get("original_size", image.size)),
+        )
+    payload = dense_payload(
+        explanation, request.model, colormap=request.colormap, alpha=request.alpha
+    )
+    payload["method_options"] = options
+    return payload
+
+
+def dense_payload(
+    explanation: DenseExplanation,
+    model: str,
+    *,
+    colormap: str = "jet",
+    alpha: float = 0.5,
+    display_max_side: int = DISPLAY_MAX_SIDE,
+) -> dict[str, Any]:
+    """The API's JSON for a detector's or segmenter's explanation of one image.
+
+    Returns:
+        The keys of ``explanation_payload`` (``predictions`` and ``maps`` empty,
+        ``identity_error`` null), ``task`` and ``objects``: per detection or class region
+        ``index``, ``class``, ``label``, ``score`` (a detection's score; a region's summed
+        logits), ``overlay`` and ``heatmap`` (as a class map's: PNG data URLs at display
+        size; the overlay shows the detection's box or the region's outline), and
+        detection: ``box`` [x0, y0, x1, y1] in original pixels and ``display_box``;
+        segmentation: ``pixels`` (at the model's input), ``fraction`` (of the image),
+        ``mean_prob``, ``region`` and ``mask`` (the region at display size, a gray PNG:
+        255 inside).
+    """
+    photo = fit_within(explanation.display_image(0), display_max_side)
+    shown = dataclasses.replace(explanation, images=[photo], sizes=None)
+    detection = explanation.task == "detection"
+    boxes = explanation.object_boxes(0)
+    display_boxes = shown.object_boxes(0)
+    pictures = shown.image_overlays(0, colormap=colormap, alpha=alpha)
+    height, width = explanation.input_size
+    objects = []
+    for k, found in enumerate(explanation.objects):
+        heat = shown.heatmap(0, k, original=True)
+        entry: dict[str, Any] = {
+            "index": k,
+            "class": int(found["class"]),
+            "label": str(found["label"]),
+            "score": round(float(found["score"]), 6),
+        }
+        if detection:
+            entry["box"] = _box(boxes[k])
+            entry["display_box"] = _box(display_boxes[k])
+        else:
+            entry["pixels"] = int(found["pixels"])
+            entry["fraction"] = round(found["pixels"] / (height * width), 6)
+            entry["mean_prob"] = found["mean_prob"]
+            entry["region"] = found["region"]
+            if explanation.regions is not None:
+                entry["mask"] = png_data_url(_mask_picture(explanation.regions[k], photo.size))
+        entry["overlay"] = png_data_url(pictures[k])
+        entry["heatmap"] = png_data_url(Image.fromarray(colormap_indices(heat)))
+        objects.append(entry)
+    original_width, original_height = explanation.original_size(0)
+    return {
+        "model": model,
+        "task": explanation.task,
+        "method": explanation.method,
+        "layer": explanation.layer,
+        "identity_error": None,
+        "size": [original_width, original_height],
+        "display": {"size": list(photo.size), "image": png_data_url(photo)},
+        "colormap": colormap,
+        "alpha": alpha,
+        "predictions": [],
+        "maps": [],
+        "objects": objects,
+    }
+
+
+def _mask_picture(region: np.ndarray, size: tuple[int, int]) -> Image.Image:
+    """A region (H, W) bool as a gray picture of ``size`` (nearest neighbour, as
+    ``camlens.render.outline`` resizes it): 255 inside, 0 outside."""
+    return Image.fromarray(resize_mask(region, size).astype(np.uint8) * 255)
 
 
 def explanation_payload(

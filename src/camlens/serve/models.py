@@ -8,6 +8,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+from camlens.api.explaining import model_task
 from camlens.errors import ConfigError
 from camlens.models import DEFAULT_MODEL, Classifier, load_model
 from camlens.models.checkpoints import is_torchscript
@@ -55,6 +56,7 @@ class ModelStore:
             for entry in entries:
                 self._add(entry.name, os.fspath(entry))
         self._loaded: dict[str, Classifier] = {}
+        self._tasks: dict[str, str] = {}
         self._load_locks = {name: threading.Lock() for name in self._specs}
         self._run_locks = {name: threading.Lock() for name in self._specs}
 
@@ -100,6 +102,29 @@ class ModelStore:
                         f"choose another of: {', '.join(self.names)}"
                     ) from None
             return self._loaded[name]
+
+    def task(self, name: str | None) -> str:
+        """What model ``name`` does: ``"classification"``, ``"segmentation"`` or
+        ``"detection"`` (``camlens.api.explaining.model_task``), found once and kept.
+
+        A model that records no task runs once on a blank input, under ``lock(name)``; a
+        model whose output says nothing known is served as a classifier (its own errors then
+        come from the classification path)."""
+        name = self.check(name)
+        if name not in self._tasks:
+            classifier = self.get(name, public=True)
+            with self.lock(name):
+                if name not in self._tasks:
+                    try:
+                        self._tasks[name] = model_task(classifier)
+                    except Exception as error:
+                        log.info("model %r: task unknown (%s); served as a classifier", name, error)
+                        self._tasks[name] = "classification"
+        return self._tasks[name]
+
+    def known_tasks(self) -> dict[str, str]:
+        """The tasks found so far (``task``), by model name."""
+        return {name: self._tasks[name] for name in self._specs if name in self._tasks}
 
     def lock(self, name: str | None) -> threading.Lock:
         """Hold this while running a method on model ``name``."""

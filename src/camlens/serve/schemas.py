@@ -31,6 +31,50 @@ class ClassMap(BaseModel):
     )
 
 
+class DenseObject(BaseModel):
+    """A detection or a class region of a detector's or segmenter's image, with its map."""
+
+    index: int = Field(description="Its position in ``objects`` (0 .. K-1).")
+    class_: int = Field(alias="class", description="Its class.")
+    label: str
+    score: float = Field(
+        description="Detection: the detector's score. Segmentation: the class's logits "
+        "summed over the region."
+    )
+    box: list[int] | None = Field(
+        default=None,
+        description="Detection: its box [x0, y0, x1, y1] (exclusive x1, y1) in "
+        "original-image pixels.",
+    )
+    display_box: list[int] | None = Field(
+        default=None, description="Detection: the same box at display size."
+    )
+    pixels: int | None = Field(
+        default=None, description="Segmentation: the region's size at the model's input."
+    )
+    fraction: float | None = Field(
+        default=None, description="Segmentation: the region's share of the image."
+    )
+    mean_prob: float | None = Field(
+        default=None, description="Segmentation: the class's mean probability in the region."
+    )
+    region: str | None = Field(
+        default=None, description='Segmentation: "predicted" (the pixels of this class).'
+    )
+    mask: str | None = Field(
+        default=None,
+        description="Segmentation: PNG data URL, 8-bit gray at display size, 255 inside the "
+        "region.",
+    )
+    overlay: str = Field(
+        description="PNG data URL: the photo at display size with the map blended in, the "
+        "detection's box or the region's outline drawn in white."
+    )
+    heatmap: str = Field(
+        description="PNG data URL, 8-bit gray at display size, as a class map's heatmap."
+    )
+
+
 class Display(BaseModel):
     size: list[int] = Field(description="[width, height] of the pictures in this response.")
     image: str = Field(description="The photo at display size, PNG data URL.")
@@ -53,8 +97,21 @@ class ExplainResponse(BaseModel):
     display: Display
     colormap: str
     alpha: float
-    predictions: list[Prediction] = Field(description="The five most likely classes.")
-    maps: list[ClassMap] = Field(description="One per explained class.")
+    predictions: list[Prediction] = Field(
+        description="The five most likely classes (empty for a detector or segmenter)."
+    )
+    maps: list[ClassMap] = Field(
+        description="One per explained class (empty for a detector or segmenter)."
+    )
+    task: str = Field(
+        default="classification",
+        description='"classification", "detection" or "segmentation": the model\'s task.',
+    )
+    objects: list[DenseObject] = Field(
+        default_factory=list,
+        description="Detector or segmenter: one per detection scoring at least "
+        "score_threshold, or per predicted class but the background, with its map.",
+    )
 
 
 class ModelsResponse(BaseModel):
@@ -69,6 +126,14 @@ class ModelsResponse(BaseModel):
     samples: list[str]
     max_upload_mb: float
     max_topk: int
+    default_task: str = Field(
+        default="classification",
+        description="The default model's task; for a detector or segmenter, ``methods`` "
+        "leaves CAM out.",
+    )
+    tasks: dict[str, str] = Field(
+        default_factory=dict, description="The tasks of the models loaded so far, by name."
+    )
 
 
 class LabelsResponse(BaseModel):

@@ -4,6 +4,10 @@
 // row of a 256-colour table (GET /api/colormaps). The page blends it with the photo itself,
 // with the same formula as camlens.render.overlay, so the opacity slider and the colour map
 // redraw at once and give the same pixels as the server's "overlay" PNG.
+//
+// A detector or segmenter answers with "task" and "objects" instead: each detection (its box)
+// or class region (its mask) with its map in the same form; the list beside the picture then
+// shows them, and each one's map is drawn with its box or its region's outline.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -15,8 +19,10 @@ const state = {
   source: null,      // {file: File} or {sample: "chelsea"}
   photo: null,       // ImageData of the photo at display size (of the current image)
   predictions: [],   // top 5 of the current model
-  maps: new Map(),   // "model|method|class" -> {entry, heat: Uint8Array, response, photo}
-  selected: null,    // class id asked for in the main view
+  task: "classification", // of the current answer: or "detection", "segmentation"
+  objects: [],       // a detector's or segmenter's objects in the current answer
+  maps: new Map(),   // "model|method|id" -> {id, entry, heat: Uint8Array, mask, response, photo}
+  selected: null,    // class id (or object id "o<k>") asked for in the main view
   shown: null,       // the record on screen (kept, marked, while another is computed)
   comparing: false,  // the "Compare methods" toggle
   compareToken: 0,   // bumped on every comparison: an older one stops drawing
@@ -51,6 +57,10 @@ async function requestExplain(method, target, signal) {
     form.append("target", String(target));
     form.append("colormap", $("colormap").value);
     form.append("alpha", $("opacity").value);
+    const threshold = $("score-threshold").value;
+    if (threshold !== "" && Number(threshold) >= 0 && Number(threshold) <= 1) {
+      form.append("score_threshold", threshold);
+    }
     const response = await fetch("/api/explain", { method: "POST", body: form, signal });
     const body = await response.json().catch(() => ({ detail: response.statusText }));
     if (response.ok) return body;
@@ -93,6 +103,15 @@ function mapKey(model, method, classId) {
   return `${model}|${method}|${classId}`;
 }
 
+function isDense(response) {
+  return response.task === "detection" || response.task === "segmentation";
+}
+
+// A detector's or segmenter's object k in the map cache and the list ("o0", "o1"...).
+function objectId(index) {
+  return `o${index}`;
+}
+
 async function decodePixels(dataUrl) {
   const image = new Image();
   image.src = dataUrl;
@@ -105,20 +124,34 @@ async function decodePixels(dataUrl) {
   return context.getImageData(0, 0, canvas.width, canvas.height);
 }
 
-async function absorb(response) {
+async function decodeGray(dataUrl) {
+  const rgba = (await decodePixels(dataUrl)).data;
+  const gray = new Uint8Array(rgba.length / 4);
+  for (let p = 0; p < gray.length; p++) gray[p] = rgba[4 * p];
+  return gray;
+}
+
+// A detector's or segmenter's objects are kept under the method asked for (the server
+// explains them with Grad-CAM when its default CAM was asked for).
+async function absorb(response, method) {
   if (!state.photo) state.photo = await decodePixels(response.display.image);
-  for (const entry of response.maps) {
-    const gray = (await decodePixels(entry.heatmap)).data;
-    const heat = new Uint8Array(gray.length / 4);
-    for (let p = 0; p < heat.length; p++) heat[p] = gray[4 * p];
-    const record = { entry, heat, response, photo: state.photo };
-    state.maps.set(mapKey(response.model, response.method, entry.class), record);
+  const dense = isDense(response);
+  for (const entry of dense ? response.objects : response.maps) {
+    const heat = await decodeGray(entry.heatmap);
+    const mask = dense && entry.mask ? await decodeGray(entry.mask) : null;
+    const id = dense ? objectId(entry.index) : entry.class;
+    const record = { id, entry, heat, mask, response, photo: state.photo };
+    state.maps.set(mapKey(response.model, dense ? method : response.method, id), record);
   }
 }
 
 async function explainClass(method, classId, signal) {
   const key = mapKey($("model").value, method, classId);
-  if (!state.maps.has(key)) await absorb(await requestExplain(method, classId, signal));
+  if (!state.maps.has(key)) {
+    const target = typeof classId === "string" ? "top1" : classId; // objects: all at once
+    await absorb(await requestExplain(method, target, signal), method);
+  }
+  if (!state.maps.has(key)) throw new Error(`${method} found no object ${classId}`);
   return state.maps.get(key);
 }
 
@@ -147,11 +180,15 @@ function paint(canvas, record) {
     pixels[i + 2] = rint((1 - alpha) * photo[i + 2] + alpha * colour[2]);
     pixels[i + 3] = 255;
   }
-  if ($("show-box").checked && record.entry.display_box) {
+  if (isDense(record.response)) {
+    // A detection's own box, or its region's outline, as on the server's overlay.
+    if (record.entry.display_box) outlineBox(pixels, width, height, record.entry.display_box);
+    if (record.mask) outlineMask(pixels, width, height, record.mask);
+  } else if ($("show-box").checked && record.entry.display_box) {
     outlineBox(pixels, width, height, record.entry.display_box);
   }
   context.putImageData(out, 0, 0);
-  canvas.dataset.class = String(record.entry.class);
+  canvas.dataset.class = String(record.id);
   canvas.dataset.method = record.response.method;
 }
 
@@ -173,6 +210,19 @@ function outlineBox(pixels, width, height, box) {
   }
 }
 
+// Same as camlens.render.outline: the region's pixels with a 4-neighbour outside it (or on
+// the picture's border), in white.
+function outlineMask(pixels, width, height, mask) {
+  for (let y = 0, p = 0; y < height; y++) {
+    for (let x = 0; x < width; x++, p++) {
+      if (!mask[p]) continue;
+      const edge = x === 0 || y === 0 || x === width - 1 || y === height - 1 ||
+        !mask[p - 1] || !mask[p + 1] || !mask[p - width] || !mask[p + width];
+      if (edge) pixels[4 * p] = pixels[4 * p + 1] = pixels[4 * p + 2] = 255;
+    }
+  }
+}
+
 function redraw() {
   drawLegend();
   const record = state.shown;
@@ -182,8 +232,45 @@ function redraw() {
   photo.width = record.photo.width;
   photo.height = record.photo.height;
   photo.getContext("2d").putImageData(record.photo, 0, 0);
-  const entry = record.entry;
   const response = record.response;
+  if (isDense(response)) {
+    captionObject(record);
+  } else {
+    captionClass(record);
+  }
+  $("result").classList.remove("empty");
+  $("compare").disabled = false;
+  for (const button of $("top5").querySelectorAll("button")) {
+    button.classList.toggle("selected", button.dataset.class === String(record.id));
+  }
+  for (const canvas of $("methods").querySelectorAll("canvas")) {
+    const other = state.maps.get(mapKey(response.model, canvas.dataset.method, record.id));
+    if (other) paint(canvas, other);
+  }
+  updateDownloads();
+}
+
+function captionObject(record) {
+  const { entry, response } = record;
+  let where;
+  if (entry.box) {
+    where = `score ${entry.score.toFixed(3)} · box [${entry.box.join(", ")}] px`;
+  } else {
+    const mean = entry.mean_prob === null ? "" : ` · mean p ${formatProb(entry.mean_prob)}`;
+    where = `summed logit ${entry.score.toFixed(2)} · ${entry.pixels} px at the model's ` +
+      `input (${(100 * entry.fraction).toFixed(1)} %)${mean}`;
+  }
+  $("caption").innerHTML = "";
+  const name = document.createElement("strong");
+  name.textContent = `${entry.label} (${entry.class})`;
+  $("caption").append(name, ` ${where} · ${response.method}${describeOptions(response)} on ` +
+    `${response.layer}`);
+  $("unlikely").hidden = true;
+  $("unlikely").textContent = "";
+}
+
+function captionClass(record) {
+  const { entry, response } = record;
   const box = entry.box ? `box [${entry.box.join(", ")}] px` : "no positive evidence";
   const identity = response.identity_error === null ? "" :
     ` · CAM identity error ${response.identity_error.toExponential(1)}`;
@@ -199,16 +286,6 @@ function redraw() {
     `This class is unlikely (p = ${formatProb(entry.prob)}); its map is scaled to its own ` +
     "maximum, so it looks as strong as a likely class's: it shows where the network would " +
     `see "${entry.label}", not that it is there.` : "";
-  $("result").classList.remove("empty");
-  $("compare").disabled = false;
-  for (const button of $("top5").querySelectorAll("button")) {
-    button.classList.toggle("selected", Number(button.dataset.class) === entry.class);
-  }
-  for (const canvas of $("methods").querySelectorAll("canvas")) {
-    const other = state.maps.get(mapKey(response.model, canvas.dataset.method, entry.class));
-    if (other) paint(canvas, other);
-  }
-  updateDownloads();
 }
 
 function formatProb(p) {
@@ -237,25 +314,60 @@ function describeOptions(response) {
   return channels ? ` (${channels} most active channels)` : "";
 }
 
+// The list beside the picture: the top 5 classes, or a detector's or segmenter's objects.
+function listItems() {
+  if (state.task === "classification") {
+    return state.predictions.map((p) => ({
+      id: p.class, label: p.label, value: `${(100 * p.prob).toFixed(1)} %`, share: p.prob,
+    }));
+  }
+  return state.objects.map((o) => o.box ? {
+    id: objectId(o.index), label: o.label, value: o.score.toFixed(3), share: o.score,
+    detail: `[${o.box.join(", ")}] px`,
+  } : {
+    id: objectId(o.index), label: o.label, value: `${(100 * o.fraction).toFixed(1)} %`,
+    share: o.fraction, detail: `${o.pixels} px` +
+      (o.mean_prob === null ? "" : ` · mean p ${formatProb(o.mean_prob)}`),
+  });
+}
+
+// The answer's kind: the list's title and hint, and the detections' threshold.
+function setTask(response) {
+  state.task = isDense(response) ? response.task : "classification";
+  state.objects = isDense(response) ? response.objects : [];
+  state.predictions = response.predictions;
+  const noun = { detection: "detection", segmentation: "segment" }[state.task];
+  $("list-title").textContent = noun ? `${noun[0].toUpperCase()}${noun.slice(1)}s` : "Top 5";
+  $("list-hint").textContent = noun ? `Click a ${noun} to see where the network finds it.` :
+    "Click a class to see where the network finds it.";
+  $("threshold-row").hidden = state.task !== "detection";
+}
+
 function renderTop5() {
   const list = $("top5");
   list.innerHTML = "";
-  for (const prediction of state.predictions) {
+  for (const row of listItems()) {
     const button = document.createElement("button");
     button.type = "button";
-    button.dataset.class = String(prediction.class);
+    button.dataset.class = String(row.id);
     const label = document.createElement("span");
-    label.textContent = prediction.label;
+    label.textContent = row.label;
     const prob = document.createElement("span");
     prob.className = "prob";
-    prob.textContent = `${(100 * prediction.prob).toFixed(1)} %`;
+    prob.textContent = row.value;
     const bar = document.createElement("span");
     bar.className = "bar";
     const fill = document.createElement("span");
-    fill.style.width = `${(100 * prediction.prob).toFixed(1)}%`;
+    fill.style.width = `${(100 * Math.min(1, Math.max(0, row.share))).toFixed(1)}%`;
     bar.append(fill);
     button.append(label, prob, bar);
-    button.addEventListener("click", () => selectClass(prediction.class));
+    if (row.detail) {
+      const detail = document.createElement("span");
+      detail.className = "detail";
+      detail.textContent = row.detail;
+      button.append(detail);
+    }
+    button.addEventListener("click", () => selectClass(row.id));
     const item = document.createElement("li");
     item.append(button);
     list.append(item);
@@ -315,6 +427,7 @@ function clearResult(keepPredictions) {
   setComparing(false);
   if (!keepPredictions) {
     state.predictions = [];
+    state.objects = [];
     renderTop5();
     $("compare").disabled = true;
   }
@@ -374,14 +487,28 @@ function startOver(source) {
   mainJob(`Explaining with ${$("method").value}…`, async (signal, generation) => {
     const response = await requestExplain($("method").value, "top5", signal);
     if (generation !== state.generation) return;
-    await absorb(response);
-    state.predictions = response.predictions;
+    await absorb(response, $("method").value);
+    setTask(response);
     renderTop5();
-    const keep = state.selected !== null && state.selected < state.labels.length;
-    state.selected = keep ? state.selected : response.maps[0].class;
+    if (isDense(response)) {
+      if (!response.objects.length) throw new Error(nothingFound(response));
+      const ids = response.objects.map((o) => objectId(o.index));
+      state.selected = ids.includes(state.selected) ? state.selected : ids[0];
+    } else {
+      const keep = typeof state.selected === "number" && state.selected < state.labels.length;
+      state.selected = keep ? state.selected : response.maps[0].class;
+    }
     await showClass(state.selected, signal, generation);
     $("compare").disabled = false;
   }, false);
+}
+
+function nothingFound(response) {
+  if (response.task === "detection") {
+    return `No detection scores ${$("score-threshold").value} or more in this image ` +
+      "(lower the threshold to see weaker ones).";
+  }
+  return "The model predicts no class but the background in this image.";
 }
 
 function selectClass(classId) {
@@ -467,6 +594,16 @@ function searchClass(event) {
     setStatus("Choose an image first.", "error");
     return;
   }
+  if (state.task !== "classification") { // a detector's or segmenter's object of that class
+    const found = state.objects.find((o) => o.class === classId);
+    if (!found) {
+      const noun = state.task === "detection" ? "detection" : "segment";
+      setStatus(`No ${noun} of "${state.labels[classId]}" in this image.`, "error");
+      return;
+    }
+    selectClass(objectId(found.index));
+    return;
+  }
   selectClass(classId);
 }
 
@@ -493,7 +630,8 @@ function download(blob, name) {
 function baseName(record) {
   const name = state.source.file ? state.source.file.name : state.source.sample;
   const stem = name.replace(/\.[^.]*$/, "").replace(/[^\w.-]+/g, "_");
-  return `${stem}_${record.response.method}_c${record.entry.class}`;
+  const shown = typeof record.id === "string" ? record.id : `c${record.entry.class}`;
+  return `${stem}_${record.response.method}_${shown}`;
 }
 
 // The JSON of what the screen shows: its colour map, opacity and box setting, the top 5 and
@@ -507,8 +645,9 @@ function answerJSON(record, withPictures) {
     if (other.response.model !== response.model || other.response.method !== response.method) {
       continue;
     }
-    const { overlay, heatmap, ...entry } = other.entry;
+    const { overlay, heatmap, mask, ...entry } = other.entry;
     if (withPictures) Object.assign(entry, { heatmap });
+    if (withPictures && mask) Object.assign(entry, { mask });
     maps.push(entry);
   }
   const answer = {
@@ -527,6 +666,13 @@ function answerJSON(record, withPictures) {
     predictions: state.predictions,
     maps,
   };
+  if (isDense(response)) { // the objects as listed, and the one shown
+    answer.task = response.task;
+    answer.objects = maps.sort((a, b) => a.index - b.index);
+    answer.shown_object = record.entry.index;
+    delete answer.maps;
+    delete answer.box_shown;
+  }
   if (withPictures) {
     answer.overlay = $("overlay").toDataURL("image/png");
     answer.photo = response.display.image;
@@ -575,6 +721,7 @@ async function init() {
   $("class-search").addEventListener("submit", searchClass);
   $("colormap").addEventListener("change", redraw);
   $("show-box").addEventListener("change", redraw);
+  $("score-threshold").addEventListener("change", () => startOver());
   $("opacity").addEventListener("input", () => {
     $("opacity-value").textContent = parseFloat($("opacity").value).toFixed(2);
     redraw();
