@@ -114,6 +114,8 @@ def test_cam_and_aug_smooth_are_refused():
     model = Classifier(tiny_segmenter(), ["background", "left", "other"])
     with pytest.raises(ConfigError, match="use --method gradcam"):
         explain_dense(model, X, task="segmentation", method="cam")
+    with pytest.raises(ConfigError, match="finercam cannot explain a detection"):
+        explain_dense(model, X, task="segmentation", method="finercam")
     with pytest.raises(ConfigError, match="aug_smooth flips"):
         explain_dense(model, X, task="segmentation", method_options={"aug_smooth": True})
 
@@ -370,3 +372,42 @@ def test_cli_task_option_and_cam_refusal(tmp_path):
     ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2 and "use --method gradcam" in result.output
+
+
+def test_hirescam_on_a_region_is_the_region_times_the_class_map():
+    """HiResCAM: sum_k (d s / d A_k) * A_k = [R] * sum_k W_ck A_k (element-wise, no mean)."""
+    model = Classifier(tiny_segmenter(), ["background", "left", "other"])
+    result = explain_dense(model, X, task="segmentation", method="hirescam", layer="0")
+    for k, c in enumerate((1, 2)):
+        region = _predicted() == c
+        expected = region * np.einsum("k,khw->hw", W[c].numpy(), X[0].numpy())
+        np.testing.assert_allclose(result.raw[0, k].numpy(), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        name
+        for name, cls in camlens.METHODS.items()
+        if not cls.compares_classes and name not in ("cam", "rollout", "gradrollout", "random")
+    ],
+)
+def test_every_map_method_explains_region_targets(method):
+    """Every method runs on the segmentation targets through the one wrapper, and a target's
+    map does not depend on the other targets explained beside it."""
+    model = Classifier(tiny_segmenter(), ["background", "left", "other"])
+    options = {"n_masks": 24} if method == "drise" else {}
+    both = explain_dense(
+        model, X, task="segmentation", method=method, layer="0", method_options=options
+    )
+    alone = explain_dense(
+        model,
+        X,
+        task="segmentation",
+        method=method,
+        layer="0",
+        method_options=options,
+        classes=["other"],
+    )
+    assert both.raw.shape[:2] == (1, 2) and torch.isfinite(both.raw).all()
+    torch.testing.assert_close(both.raw[:, 1:], alone.raw, rtol=1e-4, atol=1e-6)

@@ -146,8 +146,9 @@ def explain_dense(
         A ``DenseExplanation`` (K = 0 when nothing is detected or predicted).
 
     Raises:
-        ConfigError: CAM, ``aug_smooth`` (a flipped image moves the targets), an unknown
-            task, class or layer.
+        ConfigError: CAM, the methods that compare classes (``compares_classes``:
+            ``finercam``, ``shapleycam``), ``aug_smooth`` (a flipped image moves the
+            targets), an unknown task, class or layer.
 
     Example:
         >>> from torch import nn
@@ -168,6 +169,13 @@ def explain_dense(
             "cam needs a classifier's global average pooling and final linear layer; a "
             "detector or segmenter has neither: use --method gradcam (or another gradient "
             "method, scorecam, ablationcam, eigencam, drise)"
+        )
+    if cls.compares_classes:
+        raise ConfigError(
+            f"{cls.name} cannot explain a detection or a class region: "
+            f"{cls.similarity_refusal}, and a detector's or segmenter's targets are scores of "
+            "their own, not classes; use gradcam (or another gradient method, scorecam, "
+            "ablationcam, eigencam, drise)"
         )
     if options.get("aug_smooth"):
         raise ConfigError(

@@ -219,6 +219,10 @@ class CAMMethod:
     #: ``similarity_of``) or do not depend on the target. False: refused with
     #: ``similarity_refusal`` and the names of the methods that can.
     score_targets: ClassVar[bool] = False
+    #: Whether the map of a class depends on the other classes' scores (Finer-CAM's
+    #: comparison classes, Shapley-CAM's softmax utilities): such a method cannot explain a
+    #: detector's or segmenter's targets (``camlens.dense``), which are scores of their own.
+    compares_classes: ClassVar[bool] = False
     #: Why a method with ``score_targets = False`` cannot explain a similarity.
     similarity_refusal: ClassVar[str] = (
         "it computes the classes' scores itself and does not take another score"

@@ -102,6 +102,7 @@ class FinerCAM(_Float32GradientMethod):
 
     name = "finercam"
     score_targets = False
+    compares_classes = True
     similarity_refusal = "it compares a class with the classes closest to it"
 
     def __init__(
@@ -192,6 +193,7 @@ class ShapleyCAM(_Float32GradientMethod):
     name = "shapleycam"
     score_targets = False
     similarity_refusal = "its utilities are functions of the class probabilities"
+    compares_classes = True
     UTILITIES: ClassVar[tuple[str, ...]] = ("rest", "logit", "softmax")
 
     def __init__(
