@@ -411,3 +411,11 @@ def test_every_map_method_explains_region_targets(method):
     )
     assert both.raw.shape[:2] == (1, 2) and torch.isfinite(both.raw).all()
     torch.testing.assert_close(both.raw[:, 1:], alone.raw, rtol=1e-4, atol=1e-6)
+
+
+def test_explain_points_a_segmenter_to_explain_dense():
+    model = camlens.load_model(
+        "torchvision:lraspp_mobilenet_v3_large", random_weights=True, num_classes=3
+    )
+    with pytest.raises(ConfigError, match=r"segmentation model: .*camlens.explain_dense"):
+        camlens.explain(model, torch.rand(1, 3, 32, 32), method="gradcam")

@@ -94,6 +94,13 @@ def explain(
         (0, 0, 415, 300)
     """
     classifier = model if isinstance(model, Classifier) else load_model(model)
+    dense = classifier.info.get("task")
+    if dense in ("detection", "segmentation"):
+        raise ConfigError(
+            f"{classifier.name} is a {dense} model: explain it per "
+            f"{'detection' if dense == 'detection' else 'class region'} with "
+            "camlens.explain_dense(model, image) (command line: camlens explain, which does so)"
+        )
     if multilabel is not None or threshold_prob is not None:  # the caller's model is untouched
         classifier = replace(
             classifier,
