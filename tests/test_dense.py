@@ -419,3 +419,40 @@ def test_explain_points_a_segmenter_to_explain_dense():
     )
     with pytest.raises(ConfigError, match=r"segmentation model: .*camlens.explain_dense"):
         camlens.explain(model, torch.rand(1, 3, 32, 32), method="gradcam")
+
+
+def test_ray_engine_explains_a_segmenter_as_the_local_engine(tmp_path):
+    """The dense task on Ray actors (the Classifier pickled to them) writes the same records
+    and raw maps as the local engine."""
+    import ray
+
+    from camlens.api.explaining import run_explain
+    from camlens.pipeline import RunOptions
+
+    rng = np.random.default_rng(1)
+    inputs = []
+    for i in range(4):
+        path = tmp_path / "in" / f"image_{i}.png"
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (24, 24, 3), np.uint8)).save(path)
+        inputs.append(path)
+    torch.manual_seed(0)
+    segmenter = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 1))
+    model = Classifier(segmenter.eval(), ["background", "a", "b"], input_size=(24, 24))
+    run_explain(model, inputs, tmp_path / "local", options=RunOptions(batch_size=2, progress=False))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        options = RunOptions(batch_size=2, engine="ray", workers=2, progress=False)
+        run_explain(model, inputs, tmp_path / "ray", options=options)
+    finally:
+        ray.shutdown()
+    records = [
+        [json.loads(line) for line in (tmp_path / name / "results.jsonl").read_text().splitlines()]
+        for name in ("local", "ray")
+    ]
+    assert records[0] == records[1] and all(r["task"] == "segmentation" for r in records[0])
+    assert any(r["segments"] for r in records[0])
+    for record in records[0]:
+        local, remote = (tmp_path / name / record["raw"] for name in ("local", "ray"))
+        with np.load(local) as a, np.load(remote) as b:
+            np.testing.assert_allclose(a["raw"], b["raw"], rtol=1e-5, atol=1e-6)
