@@ -318,14 +318,10 @@ def _detection_targets(
         found = detection_outputs(module(list(x)))[0]
     keep = found["scores"] >= score_threshold
     boxes, classes, values = found["boxes"][keep], found["labels"][keep], found["scores"][keep]
-    n_classes = classifier.info.get("num_classes") or (
-        int(classes.max()) + 1 if len(classes) else 1
-    )
-    labels = _class_names(classifier, max(n_classes, int(classes.max()) + 1 if len(classes) else 0))
     objects = [
         {
             "class": int(c),
-            "label": labels[int(c)],
+            "label": classifier.label(int(c)),
             "score": round(float(s), 6),
             "box": [round(float(v), 2) for v in b],
         }
@@ -344,9 +340,8 @@ def _detection_targets(
 
 
 def _class_names(classifier: Classifier, n_classes: int) -> list[str]:
-    """The model's class names, numbers where it has none."""
-    own = list(classifier.labels)
-    return [own[c] if c < len(own) else str(c) for c in range(n_classes)]
+    """The model's class names, numbers where it has none (``Classifier.label``)."""
+    return [classifier.label(c) for c in range(n_classes)]
 
 
 def _class_index(value: int | str, labels: list[str]) -> int:

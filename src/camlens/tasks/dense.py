@@ -30,6 +30,7 @@ from camlens.defaults import DEFAULT_MAX_PIXELS
 from camlens.dense import DEFAULT_SCORE_THRESHOLD, DenseExplanation, explain_dense
 from camlens.errors import ConfigError
 from camlens.io import ImageLoadError, load_image
+from camlens.metrics.localization import pointing_game
 from camlens.models.dense import DEFAULT_IOU_THRESHOLD
 from camlens.pipeline import Item, OutputFolder
 from camlens.tasks.common import (
@@ -207,6 +208,5 @@ def _peak(explanation: DenseExplanation, k: int, box: Sequence[int]) -> dict[str
     if not float(heat.max()) > 0:
         return {"peak": None, "peak_in_box": False}
     row, column = np.unravel_index(int(np.argmax(heat)), heat.shape)
-    x0, y0, x1, y1 = box
-    inside = x0 <= column < x1 and y0 <= row < y1
+    inside = pointing_game(heat, [box], tolerance=0.0)  # the peak pixel's centre in the box
     return {"peak": [int(column), int(row)], "peak_in_box": bool(inside)}

@@ -49,7 +49,7 @@ ones and missed ground-truth boxes.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -58,21 +58,20 @@ import torch
 from PIL import Image
 from torch import nn
 
-from camlens.defaults import DEFAULT_MAX_PIXELS
 from camlens.dense import DEFAULT_SCORE_THRESHOLD, DenseExplanation, explain_dense
 from camlens.errors import ConfigError
 from camlens.io import ImageLoadError
 from camlens.methods import CAMMethod, get_method, options_for
 from camlens.metrics.faithfulness import auc, deletion_curve, insertion_curve
 from camlens.metrics.localization import box_iou, energy_pointing_game, pointing_game
-from camlens.metrics.registry import REGISTRY, MetricSettings, resolve_metrics
-from camlens.models import Classifier
+from camlens.metrics.registry import REGISTRY, resolve_metrics
 from camlens.models.dense import DEFAULT_IOU_THRESHOLD, DetectionScores
-from camlens.pipeline import Item, OutputFolder, model_for_actors
-from camlens.tasks.common import model_settings, worker_model
+from camlens.pipeline import Item, OutputFolder
+from camlens.tasks.common import worker_model
 from camlens.tasks.evaluate import (
     METRICS_FILE,
     RECORDS_FILE,
+    EvaluateTask,
     Work,
     distinct_methods,
     load_annotated_image,
@@ -241,7 +240,7 @@ def match_detections(
 
 
 @dataclass(frozen=True)
-class DetectionEvaluateTask:
+class DetectionEvaluateTask(EvaluateTask):
     """Measure the maps of a detector's detections on annotated images (see the module
     docstring).
 
@@ -262,56 +261,25 @@ class DetectionEvaluateTask:
         match_iou: the IoU with a ground-truth box of its class that matches a detection.
     """
 
-    model: Classifier | str
     methods: tuple[str, ...]
-    metric_settings: MetricSettings
-    layer: str | None = None
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
-    source: str = "(in memory)"
-    max_pixels: int | None = DEFAULT_MAX_PIXELS
     score_threshold: float = DEFAULT_SCORE_THRESHOLD
     iou_threshold: float = DEFAULT_IOU_THRESHOLD
     match_iou: float = MATCH_IOU
 
     name: ClassVar[str] = "evaluate-detection"
-    records_file: ClassVar[str] = RECORDS_FILE
-    parts_dir: ClassVar[str] = "parts"
-
-    @property
-    def method_names(self) -> list[str]:
-        return list(self.methods)
-
-    @property
-    def model_name(self) -> str:
-        return self.model.name if isinstance(self.model, Classifier) else str(self.model)
 
     def settings(self) -> dict[str, Any]:
         return {
-            **model_settings(self.model),
+            **super().settings(),
             "task": "detection",
-            "methods": self.method_names,
-            "method_options": self.method_options,
-            "layer": self.layer,
-            "metrics": list(self.metric_settings.metrics),
-            **self.metric_settings.as_dict(),
-            "max_pixels": self.max_pixels,
             "score_threshold": self.score_threshold,
             "iou_threshold": self.iou_threshold,
             "match_iou": self.match_iou,
         }
 
-    def describe(self, item: Work) -> Any:
-        a = item.annotation
-        return [str(a.image), [list(b) for b in a.boxes], a.labels]
-
     def start(self, folder: OutputFolder | None) -> _DetectionWorker:
         return _DetectionWorker(self)
-
-    def for_actors(self) -> DetectionEvaluateTask:
-        """The model as its folder when actors can load it."""
-        if not isinstance(self.model, Classifier):
-            return self
-        return replace(self, model=model_for_actors(self.model))
 
     def fold(self, records: Iterable[dict[str, Any]]) -> dict[str, Any]:
         """The content of ``metrics.json`` from the records in input order::
