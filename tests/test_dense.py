@@ -456,3 +456,12 @@ def test_ray_engine_explains_a_segmenter_as_the_local_engine(tmp_path):
         local, remote = (tmp_path / name / record["raw"] for name in ("local", "ray"))
         with np.load(local) as a, np.load(remote) as b:
             np.testing.assert_allclose(a["raw"], b["raw"], rtol=1e-5, atol=1e-6)
+
+
+def test_a_classifier_forced_to_the_detection_task_is_refused_clearly(tmp_path):
+    image = tmp_path / "in.png"
+    Image.new("RGB", (32, 32), (90, 120, 30)).save(image)
+    args = ["explain", str(image), "--task", "detection", "--out", str(tmp_path / "out")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and "cannot be explained as a detector" in result.output
+    assert "Traceback" not in result.output

@@ -315,7 +315,15 @@ def _detection_targets(
     """The detections to explain (score >= ``score_threshold``) of the clean pass."""
     module = classifier.module
     with preserved_state(module), torch.no_grad():
-        found = detection_outputs(module(list(x)))[0]
+        try:
+            output = module(list(x))
+        except (TypeError, AttributeError, RuntimeError, ValueError) as error:
+            raise ConfigError(
+                f"{classifier.name} cannot be explained as a detector: called as torchvision's "
+                f"detectors are (a list of images), it failed ({type(error).__name__}: "
+                f"{error}); is --task detection right for this model?"
+            ) from error
+        found = detection_outputs(output)[0]
     keep = found["scores"] >= score_threshold
     boxes, classes, values = found["boxes"][keep], found["labels"][keep], found["scores"][keep]
     objects = [
